@@ -1,0 +1,144 @@
+"""Solvers for the damped normal equations ``(M + λI) X = B`` of ProxProp.
+
+``M`` is a small symmetric positive semi-definite matrix: either the Gram matrix
+``AᵀA`` (parameter space) or the kernel matrix ``AAᵀ`` (batch space). Three
+solvers:
+
+* `spd_solve`: Cholesky, with an eigendecomposition fallback when Cholesky breaks
+  down (``λ`` tiny against a nearly singular ``M``, e.g. ``τ = 1e6``);
+* `eig_cg`: textbook CG iterates computed in the eigenbasis of ``M``, where every
+  iterate is a diagonal recurrence (exact CG at the cost of one ``eigh``);
+* `cg`: a matrix-free textbook CG over pytrees (``lax.fori_loop``, so it also runs
+  under ``shard_map``), the generic path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def solve_dtype(*dtypes) -> jnp.dtype:
+  """The dtype ProxProp solves in: the inputs' promoted dtype, but at least float32."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _safe_divide(num, den):
+  """``num / den`` where ``den != 0``, else 0: a converged CG column stays put."""
+  nonzero = den != 0
+  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def eigh_psd(matrix):
+  """Eigendecomposition of a PSD matrix with a numerical-null-space mask.
+
+  Returns:
+    ``(evals, evecs, keep)``: eigenvalues clipped at 0, eigenvectors as columns,
+    and a 0/1 mask that drops eigenvalues below ``n · eps · max(evals)``. Those
+    directions are (numerically) in the null space of ``A`` (for ``AᵀA``) or of
+    ``Aᵀ`` (for ``AAᵀ``), where the right-hand side ``Aᵀg`` resp. the map ``Aᵀ``
+    vanishes in exact arithmetic; dropping them is exact and keeps rounding noise
+    from being amplified by ``1/λ`` when ``τ`` is large.
+  """
+  evals, evecs = jnp.linalg.eigh(matrix)
+  evals = jnp.maximum(evals, 0)
+  tol = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(evals)
+  keep = (evals > tol).astype(matrix.dtype)
+  return evals, evecs, keep
+
+
+def eig_solve(matrix, rhs, lam):
+  """``(M + λI)⁻¹ B`` through the eigendecomposition of ``M`` (robust, slower)."""
+  evals, evecs, keep = eigh_psd(matrix)
+  coeffs = (evecs.T @ rhs) * (keep / (evals + lam))[:, None]
+  return evecs @ coeffs
+
+
+def spd_solve(matrix, rhs, lam):
+  """``(M + λI)⁻¹ B`` for PSD ``M`` (n, n) and ``B`` (n, k).
+
+  A Cholesky solve; where the factorisation breaks down in finite precision (it
+  returns NaN when ``λ`` is below the rounding error of a singular ``M``), the
+  solve falls back to `eig_solve`, which drops the numerical null space.
+  """
+  shifted = matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+  chol = jnp.linalg.cholesky(shifted)
+  ok = jnp.all(jnp.isfinite(chol))
+
+  def cholesky_branch():
+    return jax.scipy.linalg.cho_solve((chol, True), rhs)
+
+  return lax.cond(ok, cholesky_branch, lambda: eig_solve(matrix, rhs, lam))
+
+
+def eig_cg(evals, coeffs, lam, steps: int, weights=None):
+  """``steps`` textbook CG iterations per column, in an eigenbasis.
+
+  Solves ``diag(s + λ) w = c`` column by column from ``w = 0`` with inner products
+  ``⟨u, v⟩ = Σᵢ mᵢ uᵢ vᵢ`` (``m = weights``, default 1). This reproduces CG on
+  ``(AᵀA + λI) D = Aᵀ g`` exactly:
+
+  * parameter space, ``AᵀA = V diag(s) Vᵀ``: ``c = Vᵀ Aᵀ g``, ``m = 1``, ``D = V w``;
+  * batch space, ``AAᵀ = U diag(s) Uᵀ``: ``c = Uᵀ g``, ``m = s``, ``D = Aᵀ U w``,
+    because ``⟨AᵀU u, AᵀU v⟩ = uᵀ diag(s) v`` and ``(AᵀA + λI) AᵀU = AᵀU diag(s + λ)``.
+
+  A column whose residual is exactly zero stays put (no 0/0).
+
+  Args:
+    evals: ``s``, shape (n,).
+    coeffs: ``c``, shape (n, k): one right-hand side per column.
+    lam: ``λ > 0``.
+    steps: the number of CG iterations ``N ≥ 1``.
+    weights: ``m``, shape (n,), or None for 1.
+
+  Returns:
+    ``w``, shape (n, k).
+  """
+  diag = (evals + lam)[:, None]
+  m = jnp.ones_like(evals)[:, None] if weights is None else weights[:, None]
+
+  def step(_, carry):
+    w, r, p, rr = carry
+    ap = diag * p
+    alpha = _safe_divide(rr, jnp.sum(m * p * ap, axis=0))
+    w = w + alpha * p
+    r = r - alpha * ap
+    rr_new = jnp.sum(m * r * r, axis=0)
+    p = r + _safe_divide(rr_new, rr) * p
+    return w, r, p, rr_new
+
+  rr = jnp.sum(m * coeffs * coeffs, axis=0)
+  init = (jnp.zeros_like(coeffs), coeffs, coeffs, rr)
+  return lax.fori_loop(0, steps, step, init, unroll=True)[0]
+
+
+def tree_vdot(a, b):
+  """``Σ`` over leaves of ``⟨a, b⟩``."""
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def cg(matvec: Callable, rhs, steps: int):
+  """``steps`` textbook CG iterations on ``matvec(x) = rhs`` from ``x = 0`` (pytrees).
+
+  Uses ``lax.fori_loop`` (not ``jax.scipy.sparse.linalg.cg``'s while loop) so that it
+  traces under ``shard_map`` with ``check_vma=True``. Stops moving once the
+  residual is exactly zero.
+  """
+  tmap = jax.tree.map
+
+  def step(_, carry):
+    x, r, p, rr = carry
+    ap = matvec(p)
+    alpha = _safe_divide(rr, tree_vdot(p, ap))
+    x = tmap(lambda x, p: x + alpha * p, x, p)
+    r = tmap(lambda r, ap: r - alpha * ap, r, ap)
+    rr_new = tree_vdot(r, r)
+    beta = _safe_divide(rr_new, rr)
+    p = tmap(lambda r, p: r + beta * p, r, p)
+    return x, r, p, rr_new
+
+  init = (tmap(jnp.zeros_like, rhs), rhs, rhs, tree_vdot(rhs, rhs))
+  return lax.fori_loop(0, steps, step, init)[0]
