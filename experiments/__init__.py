@@ -1,0 +1,1 @@
+"""The paper's experiments: ``python -m experiments.cifar``, ``experiments.paper``, ``experiments.plot``."""

@@ -1,0 +1,121 @@
+"""The paper's two models, built from ProxProp layers or, for true BackProp, plain flax layers.
+
+Only the hidden layers are ProxProp layers; the final linear layer always takes the plain
+gradient, as in the reference. Initialization is PyTorch's default (uniform +-1/sqrt(fan_in)
+for kernel and bias), which is what the paper's step sizes were tuned with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import proxprop_jax as pp
+
+MODES_HELP = "backprop, gradient, prox_exact, prox_cgN (N >= 1)"
+
+
+def torch_uniform(fan_in: int | None = None):
+  """PyTorch's default layer init: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)].
+
+  Args:
+    fan_in: the layer's fan-in. A bias needs it given (its own shape does not tell it); for a
+      kernel (``(..., in, out)``, any window dims first) it is read off the shape.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    n = fan_in if fan_in is not None else math.prod(shape[:-1])
+    bound = 1.0 / math.sqrt(n)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class _Layers:
+  """Makes the hidden layers of a model: plain flax for ``backprop``, ProxProp otherwise."""
+
+  def __init__(self, mode: str, tau_prox: float, axis_name: str | None, rngs: nnx.Rngs):
+    self.rngs = rngs
+    if mode == "backprop":
+      self.linear_cls, self.conv_cls, self.prox_kwargs = nnx.Linear, nnx.Conv, {}
+    else:
+      self.linear_cls, self.conv_cls = pp.Linear, pp.Conv
+      self.prox_kwargs = dict(mode=mode, tau_prox=tau_prox, axis_name=axis_name)
+
+  def linear(self, fan_in: int, fan_out: int, hidden: bool = True):
+    cls, kwargs = (self.linear_cls, self.prox_kwargs) if hidden else (nnx.Linear, {})
+    return cls(fan_in, fan_out, kernel_init=torch_uniform(), bias_init=torch_uniform(fan_in),
+               rngs=self.rngs, **kwargs)
+
+  def conv(self, fan_in_channels: int, channels: int, size: int = 5):
+    return self.conv_cls(fan_in_channels, channels, (size, size), padding="SAME",
+                         kernel_init=torch_uniform(),
+                         bias_init=torch_uniform(size * size * fan_in_channels),
+                         rngs=self.rngs, **self.prox_kwargs)
+
+
+class ConvNet(nnx.Module):
+  """conv5x5 16, ReLU, maxpool 2 -> conv5x5 20, ReLU, maxpool 2 -> conv5x5 20, ReLU -> linear.
+
+  The flatten size follows the input: 8*8*20 = 1280 for 32x32 CIFAR-10, 2*2*20 = 80 for 8x8
+  digits.
+  """
+
+  def __init__(self, input_shape, num_classes: int, layers: _Layers):
+    height, width, channels = input_shape
+    self.conv1 = layers.conv(channels, 16)
+    self.conv2 = layers.conv(16, 20)
+    self.conv3 = layers.conv(20, 20)
+    self.head = layers.linear((height // 4) * (width // 4) * 20, num_classes, hidden=False)
+
+  def __call__(self, x):
+    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+    x = nnx.relu(self.conv3(x))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+class MLP(nnx.Module):
+  """Fully connected ``in-4000-1000-4000-classes`` with ReLU (3072 inputs for CIFAR-10)."""
+
+  def __init__(self, input_shape, num_classes: int, layers: _Layers,
+               hidden_sizes=(4000, 1000, 4000)):
+    sizes = (math.prod(input_shape),) + tuple(hidden_sizes)
+    self.hidden = nnx.List([layers.linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.head = layers.linear(sizes[-1], num_classes, hidden=False)
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.hidden:
+      x = nnx.relu(layer(x))
+    return self.head(x)
+
+
+def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox: float = 1.0,
+          axis_name: str | None = None, seed: int = 0) -> nnx.Module:
+  """Builds ``"convnet"`` or ``"mlp"``.
+
+  Args:
+    name: ``"convnet"`` or ``"mlp"``.
+    mode: ``"backprop"`` (plain flax layers) or a ProxProp mode (``"gradient"``,
+      ``"prox_exact"``, ``"prox_cgN"``) for the hidden layers.
+    input_shape: one example's ``(height, width, channels)``.
+    num_classes: outputs of the final (plain) linear layer.
+    tau_prox: ProxProp's proximal step size; unused by ``backprop``.
+    axis_name: the ``pmap`` axis the ProxProp layers reduce over (None outside ``pmap``).
+    seed: parameter init seed.
+  """
+  layers = _Layers(mode, tau_prox, axis_name, nnx.Rngs(seed))
+  models = {"convnet": ConvNet, "mlp": MLP}
+  if name not in models:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(models)}")
+  return models[name](tuple(input_shape), num_classes, layers)
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy, the paper's loss."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
