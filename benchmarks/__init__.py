@@ -1,0 +1,1 @@
+"""Benchmarks of proxprop_jax (see benchmarks/RESULTS.md)."""
