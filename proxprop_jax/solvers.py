@@ -22,8 +22,9 @@ from jax import lax
 
 
 def solve_dtype(*dtypes) -> jnp.dtype:
-  """The dtype ProxProp solves in: the inputs' promoted dtype, but at least float32."""
-  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+  """The dtype ProxProp solves in: the widest input float dtype, but at least float32."""
+  widest = max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+  return widest if widest.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def _safe_divide(num, den):
