@@ -4,7 +4,7 @@
     layer = pp.Linear(784, 256, mode="prox_cg3", tau_prox=0.05, rngs=nnx.Rngs(0))
 """
 
-from proxprop_jax import linen
+from proxprop_jax import linen, parallel
 from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, check_linear, prox_module
 from proxprop_jax.ops import MAX_EXACT_PARAMS, conv, dense, proximal
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Conv", "Linear", "MAX_EXACT_PARAMS", "Mode", "VALID_MODES", "check_linear", "check_tau",
-    "conv", "dense", "linen", "parse_mode", "prox_module", "proximal",
+    "conv", "dense", "linen", "parallel", "parse_mode", "prox_module", "proximal",
 ]

@@ -73,6 +73,44 @@ def _axis_size(axis_name) -> int:
   return math.prod(lax.axis_size(n) for n in names)
 
 
+def _varying_axes(x) -> frozenset:
+  """The manual axes ``x`` varies over (``shard_map`` with ``check_vma=True``), else {}."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()) if mat is not None else getattr(aval, "vma", ()))
+
+
+def _summed_by_autodiff(value, axis_name, data) -> bool:
+  """Whether a per-device sum over ``axis_name`` is already in ``value``.
+
+  Under ``shard_map`` with ``check_vma=True``, the ``data`` varies over the axis,
+  and a replicated (invariant) parameter used with it gets an implicit ``pvary``
+  whose transpose ``psum``s the parameter's cotangent: an autodiff result that
+  does not vary is already the sum over devices (and the rows' cotangents then
+  carry the scale of the global loss, ``lax.pmean`` of the devices' losses).
+  Under ``pmap`` or ``check_vma=False`` nothing is summed for us.
+  """
+  names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+  return names <= _varying_axes(data) and not names & _varying_axes(value)
+
+
+def _reduce(reduce, value, axis_name, data):
+  """``reduce(value, axis_name)`` (``lax.psum``/``lax.pmean``) unless already summed."""
+  return value if _summed_by_autodiff(value, axis_name, data) else reduce(value, axis_name)
+
+
+def _vary_like(value, like):
+  """Marks ``value`` varying over the manual axes ``like`` varies over (cotangent types)."""
+  missing = tuple(sorted(_varying_axes(like) - _varying_axes(value), key=str))
+  return lax.pcast(value, missing, to="varying") if missing else value
+
+
+try:  # Varying -> Invariant gather: every device then holds the same, invariant rows.
+  from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
+except ImportError:  # pragma: no cover - older/newer JAX
+  _all_gather_invariant = None
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -151,14 +189,19 @@ def _direction(layer, cfg: _Prox, x, g, grad):
   """
   mode, lam, axis = cfg.mode, cfg.lam, cfg.axis_name
   if mode.is_gradient:
-    return grad if axis is None else lax.pmean(grad, axis)
+    return grad if axis is None else _reduce(lax.pmean, grad, axis, x)
   p, out = grad.shape
   devices = 1 if axis is None else _axis_size(axis)
   rows = (g.size // out) * devices
   if _use_batch_space(layer, (x.shape[0] * devices, *x.shape[1:]), rows, p, out):
+    invariant = False
     if axis is not None:  # every device solves with the rows of all devices
-      x = lax.all_gather(x, axis, axis=0, tiled=True)
-      g = lax.all_gather(g, axis, axis=0, tiled=True) / devices
+      # Already-summed Aᵀg (see _summed_by_autodiff): g carries the global scale.
+      summed = _summed_by_autodiff(grad, axis, x)
+      invariant = summed and _all_gather_invariant is not None
+      gather = _all_gather_invariant if invariant else lax.all_gather
+      x, g = gather(x, axis, axis=0, tiled=True), gather(g, axis, axis=0, tiled=True)
+      g = g if summed else g / devices
     a = layer.input_matrix(x)
     g = g.reshape(-1, out)
     kernel = a @ a.T
@@ -168,15 +211,45 @@ def _direction(layer, cfg: _Prox, x, g, grad):
       evals, evecs, keep = solvers.eigh_psd(kernel)
       w = solvers.eig_cg(evals, (evecs.T @ g) * keep[:, None], lam, mode.cg_steps, weights=evals)
       y = evecs @ w
-    return a.T @ y
+    d = a.T @ y
+    if axis is not None and summed and not invariant:  # same on every device: make invariant
+      d = lax.psum(d, axis) / devices
+    return d
   gram = layer.gram(x)
   if axis is not None:
-    gram, grad = lax.psum(gram, axis), lax.pmean(grad, axis)
+    gram, grad = _reduce(lax.psum, gram, axis, x), _reduce(lax.pmean, grad, axis, x)
   if mode.is_exact:
     return solvers.spd_solve(gram, grad, lam)
   evals, evecs, keep = solvers.eigh_psd(gram)
   w = solvers.eig_cg(evals, (evecs.T @ grad) * keep[:, None], lam, mode.cg_steps)
   return evecs @ w
+
+
+def _global_view(bwd: Callable) -> Callable:
+  """Runs a backward rule ``bwd(static, static, residuals, g)`` with the Explicit mesh
+  axes of its residuals made Auto.
+
+  Under ``jit`` on a mesh with Explicit axes (``jax.make_mesh``'s default), the
+  rule's products that contract the sharded batch dim (``AᵀA``, ``AAᵀ``, the
+  patch reshapes) would need an ``out_sharding`` each; inside ``auto_axes`` XLA
+  inserts the collectives itself, as on an Auto mesh. The cotangents come back
+  sharded like the primal values (the residuals).
+  """
+
+  @functools.wraps(bwd)
+  def wrapped(static, config, residuals, g):
+    for leaf in jax.tree.leaves(residuals):
+      mesh = jax.typeof(leaf).sharding.mesh
+      explicit = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                       if kind == jax.sharding.AxisType.Explicit)
+      if explicit:
+        specs = jax.tree.map(lambda r: jax.typeof(r).sharding.spec, residuals)
+        rule = lambda residuals, g: bwd(static, config, residuals, g)
+        with jax.sharding.use_abstract_mesh(mesh):
+          return jax.sharding.auto_axes(rule, axes=explicit, out_sharding=specs)(residuals, g)
+    return bwd(static, config, residuals, g)
+
+  return wrapped
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -204,12 +277,12 @@ def _prox_layer_bwd(layer, cfg, residuals, g):
   if bias is not None:
     grad = jnp.concatenate([grad, grad_b[None]], axis=0)
   d = _direction(layer, cfg, xs, gs, grad)
-  dk = d[: grad_k.size // out].reshape(kernel.shape).astype(kernel.dtype)
-  db = None if bias is None else d[-1].astype(bias.dtype)
+  dk = _vary_like(d[: grad_k.size // out].reshape(kernel.shape).astype(kernel.dtype), kernel)
+  db = None if bias is None else _vary_like(d[-1].astype(bias.dtype), bias)
   return dx, dk, db
 
 
-_prox_layer.defvjp(_prox_layer_fwd, _prox_layer_bwd)
+_prox_layer.defvjp(_prox_layer_fwd, _global_view(_prox_layer_bwd))
 
 
 def _call(layer, cfg: _Prox, x, kernel, bias):
@@ -373,9 +446,9 @@ def _proximal_bwd(fn, cfg, residuals, g):
   _, apply_t = jax.vjp(apply, theta)  # u ↦ Aᵀu (apply is linear: any point will do)
   grad = apply_t(gs)[0]
   mode, lam, axis = cfg.mode, cfg.lam, cfg.axis_name
-  psum = (lambda v: v) if axis is None else functools.partial(lax.psum, axis_name=axis)
+  psum = (lambda v: v) if axis is None else (lambda v: _reduce(lax.psum, v, axis, gs))
   if axis is not None:
-    grad = lax.pmean(grad, axis)
+    grad = _reduce(lax.pmean, grad, axis, gs)
   if mode.is_gradient:
     d = grad
   elif mode.is_exact:
@@ -383,11 +456,11 @@ def _proximal_bwd(fn, cfg, residuals, g):
     d = solvers.spd_solve(psum(jac.T @ jac), grad[:, None], lam)[:, 0]
   else:
     d = solvers.cg(lambda v: psum(apply_t(apply(v))[0]) + lam * v, grad, mode.cg_steps)
-  dparams = jax.tree.map(lambda d, p: d.astype(p.dtype), unravel(d), params)
+  dparams = jax.tree.map(lambda d, p: _vary_like(d.astype(p.dtype), p), unravel(d), params)
   return dparams, dx
 
 
-_proximal.defvjp(_proximal_fwd, _proximal_bwd)
+_proximal.defvjp(_proximal_fwd, _global_view(_proximal_bwd))
 
 
 __all__ = ["dense", "conv", "proximal", "MAX_EXACT_PARAMS"]
