@@ -1,0 +1,55 @@
+"""Linen layers: same parameters and forward pass as flax.linen, the ops' ProxProp backward."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import proxprop_jax as pp
+
+
+def _check(ours, theirs, x, direction):
+  variables = ours.init(jax.random.key(0), x)
+  want_variables = theirs.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(want_variables)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want_variables)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(want_variables, x), rtol=1e-6)
+  target = jax.random.normal(jax.random.key(2), ours.apply(variables, x).shape)
+  loss = lambda v: 0.5 * jnp.sum((ours.apply(v, x) - target) ** 2)
+  got = jax.grad(loss)(variables)["params"]
+  p = variables["params"]
+  want = jax.vjp(lambda k, b: direction(x, k, b), p["kernel"], p.get("bias"))[1](
+      ours.apply(variables, x) - target)
+  np.testing.assert_allclose(got["kernel"], want[0], rtol=1e-5, atol=1e-7)
+  if "bias" in got:
+    np.testing.assert_allclose(got["bias"], want[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg3"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense(mode, use_bias):
+  x = jax.random.normal(jax.random.key(1), (6, 9))
+  _check(pp.linen.Dense(4, use_bias=use_bias, mode=mode, tau_prox=0.5),
+         nn.Dense(4, use_bias=use_bias), x,
+         functools.partial(pp.dense, mode=mode, tau_prox=0.5))
+
+
+@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg3"])
+def test_conv(mode):
+  x = jax.random.normal(jax.random.key(1), (2, 7, 7, 3))
+  _check(pp.linen.Conv(4, (3, 3), strides=2, mode=mode, tau_prox=0.5),
+         nn.Conv(4, (3, 3), strides=2), x,
+         functools.partial(pp.conv, strides=2, mode=mode, tau_prox=0.5))
+
+
+def test_bad_configuration_raises_at_construction():
+  with pytest.raises(ValueError, match="valid modes are"):
+    pp.linen.Dense(3, mode="prox_cgx")
+  with pytest.raises(ValueError, match="tau_prox must be"):
+    pp.linen.Conv(3, (3, 3), tau_prox=float("inf"))
+  with pytest.raises(ValueError, match="feature_group_count=1"):
+    pp.linen.Conv(4, (3, 3), feature_group_count=2)
