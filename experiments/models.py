@@ -7,6 +7,7 @@ for kernel and bias), which is what the paper's step sizes were tuned with.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,6 +19,8 @@ import proxprop_jax as pp
 MODES_HELP = "backprop, gradient, prox_exact, prox_cgN (N >= 1)"
 
 
+@functools.cache  # one function per fan-in: layers keep it as a static attribute, and equal
+# attributes let two builds of a model share their compiled steps
 def torch_uniform(fan_in: int | None = None):
   """PyTorch's default layer init: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)].
 

@@ -14,6 +14,7 @@ is compiled before the first epoch's clock starts.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ class RunDirError(Exception):
   """``--out`` holds a run that this one may not continue or overwrite."""
 
 
+@functools.cache  # the optimizer keeps it as a static attribute; see `train_step`
 def make_optimizer(name: str, lr: float, momentum: float) -> optax.GradientTransformation:
   """The paper's optimizers; optax's Nesterov SGD matches PyTorch's ``SGD(nesterov=True)``."""
   if name == "adam":
@@ -69,6 +71,11 @@ def make_train_step(axis_name: str | None = None):
     return loss
 
   return train_step
+
+
+# Module-level jitted functions: a second run of the same model in this process (a resumed run,
+# a test) reuses their compiled code.
+train_step = nnx.jit(make_train_step())
 
 
 @nnx.jit
@@ -116,12 +123,14 @@ class Devices:
     if self.kind == "sharded":
       self.parallel.replicate((model, optimizer), self.mesh)
 
-  def compile_step(self, step_fn):
+  def train_step(self):
+    """The compiled training step for these devices."""
     if self.kind == "sharded":
-      return self.parallel.make_sharded_step(step_fn, self.mesh)
+      return self.parallel.make_sharded_step(make_train_step(), self.mesh)
     if self.kind == "pmap":
-      return self.parallel.make_pmap_step(step_fn, axis_name=self.axis_name)
-    return nnx.jit(step_fn)
+      return self.parallel.make_pmap_step(make_train_step(self.axis_name),
+                                          axis_name=self.axis_name)
+    return train_step
 
   def describe(self) -> str:
     d = jax.devices()[0]
@@ -163,21 +172,36 @@ def _checkpoint_manager(out: str) -> ocp.CheckpointManager:
                                options=options)
 
 
-def _restore(manager, model, optimizer, config) -> dict:
+def _restore(manager, model, optimizer) -> dict:
   """Restores the latest checkpoint into (model, optimizer); returns its metadata."""
-  step = manager.latest_step()
-  state = nnx.state((model, optimizer))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(step, args=ocp.args.Composite(
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state((model, optimizer)))
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  meta = restored["meta"]
-  changed = {k: (meta["config"].get(k), config[k]) for k in RESUME_KEYS
-             if meta["config"].get(k) != config[k]}
-  if changed:
-    raise RunDirError(f"--resume with different settings than the checkpoint in "
-                     f"{config['out']}: {changed} (checkpoint, now)")
   nnx.update((model, optimizer), restored["state"])
-  return meta
+  return restored["meta"]
+
+
+def build(config: dict, input_shape, axis_name: str | None = None):
+  """The run's model and optimizer, freshly initialized from ``config["seed"]``."""
+  model = models.build(config["model"], mode=config["mode"], input_shape=input_shape,
+                       tau_prox=config["tau_prox"], axis_name=axis_name, seed=config["seed"])
+  tx = make_optimizer(config["optimizer"], config["lr"], config["momentum"])
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def load_model(run_dir: str, input_shape) -> tuple[nnx.Module, dict]:
+  """The model of a run's latest checkpoint, and that checkpoint's metadata (epoch, metrics).
+
+  Args:
+    run_dir: a run's ``--out`` folder.
+    input_shape: one example's ``(height, width, channels)``.
+  """
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  model, optimizer = build(config, input_shape)
+  with _checkpoint_manager(run_dir) as manager:
+    meta = _restore(manager, model, optimizer)
+  return model, meta
 
 
 def _warm_up(step, model, optimizer, shapes_and_batches):
@@ -199,22 +223,22 @@ def run(config: dict) -> dict:
   if config["train_samples"] is not None:
     train_x, train_y = train_x[:config["train_samples"]], train_y[:config["train_samples"]]
 
-  model = models.build(config["model"], mode=config["mode"], input_shape=train_x.shape[1:],
-                       tau_prox=config["tau_prox"], axis_name=devices.axis_name,
-                       seed=config["seed"])
-  optimizer = nnx.Optimizer(
-      model, make_optimizer(config["optimizer"], config["lr"], config["momentum"]),
-      wrt=nnx.Param)
+  model, optimizer = build(config, train_x.shape[1:], devices.axis_name)
   devices.place(model, optimizer)
-  step = devices.compile_step(make_train_step(devices.axis_name))
+  step = devices.train_step()
 
   manager = _checkpoint_manager(out)
   metrics, start_epoch = [], 1
   if manager.latest_step() is not None:
     if not config["resume"]:
       raise RunDirError(f"{out} already holds checkpoints of a run: pass --resume to "
-                            f"continue it, or choose another --out")
-    meta = _restore(manager, model, optimizer, config)
+                        f"continue it, or choose another --out")
+    meta = _restore(manager, model, optimizer)
+    changed = {k: (meta["config"].get(k), config[k]) for k in RESUME_KEYS
+               if meta["config"].get(k) != config[k]}
+    if changed:
+      raise RunDirError(f"--resume with other settings than the run in {out} "
+                        f"(setting: (checkpoint, now)): {changed}")
     metrics, start_epoch = meta["metrics"], meta["epoch"] + 1
   if is_writer:
     os.makedirs(out, exist_ok=True)
@@ -225,8 +249,9 @@ def run(config: dict) -> dict:
   batch_size = min(config["batch_size"], len(train_y))
   batch_sizes = [len(b) for b in data_lib.batches(np.arange(len(train_y)), batch_size,
                                                   devices.count)]
-  _warm_up(step, model, optimizer,
-           [devices.feed((train_x[:n], train_y[:n])) for n in sorted(set(batch_sizes))])
+  if start_epoch <= config["epochs"]:
+    _warm_up(step, model, optimizer,
+             [devices.feed((train_x[:n], train_y[:n])) for n in sorted(set(batch_sizes))])
 
   show_bar = not config["quiet"] and sys.stdout.isatty() and is_writer
   for epoch in range(start_epoch, config["epochs"] + 1):
