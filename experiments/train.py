@@ -106,18 +106,22 @@ class Devices:
       self.parallel = parallel
       self.mesh = parallel.make_mesh(axis_name="data") if kind == "sharded" else None
 
-  def local_slice(self, arrays):
-    """This process's contiguous slice of a global batch (the whole batch with one process)."""
-    n, p = len(arrays[0]), jax.process_count()
-    i = jax.process_index()
-    return tuple(a[i * n // p:(i + 1) * n // p] for a in arrays)
-
   def feed(self, arrays):
-    """Host arrays of a global batch -> the arguments the step or eval function takes."""
-    arrays = self.local_slice(arrays)
+    """Host arrays of a global batch -> the train step's batch arguments."""
+    if self.kind == "none":
+      return arrays
+    # This process's contiguous slice of the global batch (all of it with one process).
+    n, p, i = len(arrays[0]), jax.process_count(), jax.process_index()
+    local = tuple(a[i * n // p:(i + 1) * n // p] for a in arrays)
     if self.kind == "sharded":
-      return tuple(self.parallel.shard_batch(arrays, self.mesh))
-    return arrays
+      return tuple(self.parallel.shard_batch(local, self.mesh))
+    return local  # pmap splits it over this process's devices
+
+  def feed_eval(self, arrays):
+    """Host arrays of a global batch -> arguments of the (plain ``jit``) evaluation."""
+    # Sharded: the global view, as in the step. Otherwise every process evaluates the whole
+    # batch itself with its (identical) model.
+    return self.feed(arrays) if self.kind == "sharded" else arrays
 
   def place(self, model, optimizer):
     if self.kind == "sharded":
@@ -147,7 +151,7 @@ def evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
     weights = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
     y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    l, c = eval_batch(model, *devices.feed((x, y, weights)))
+    l, c = eval_batch(model, *devices.feed_eval((x, y, weights)))
     loss_sum, correct = loss_sum + float(l), correct + float(c)
   return loss_sum / len(labels), correct / len(labels)
 

@@ -351,3 +351,32 @@ def test_plot_cli_plots_any_runs(paper_grid, tmp_path, capsys):
   assert "| mlp_backprop | 2 |" in table and "| convnet_prox_cg3 | 2 |" in table
   with open(image, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# -------------------------------------------------------------------- several devices
+
+
+def test_several_devices_train_like_one_device(tmp_path):
+  """``--parallel auto`` (sharded jit) and ``pmap`` on 2 CPU devices match one device."""
+  flags = ["--dataset", "digits", "--mode", "prox_cg3", "--train-samples", "200",
+           "--batch-size", "100", "--epochs", "2", "--quiet"]
+  kinds = ("none", "auto", "pmap")
+  script = ("import sys\nfrom experiments import cifar\n"
+            f"for kind in {kinds!r}:\n"
+            f"  cifar.main({flags!r} + ['--parallel', kind, '--out', sys.argv[1] + '/' + kind])\n")
+  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = {kind: read_run(str(tmp_path / kind)) for kind in kinds}
+  for kind, resolved in [("none", "none"), ("auto", "sharded"), ("pmap", "pmap")]:
+    assert runs[kind][2]["device"].startswith("2 x")
+    assert runs[kind][2]["device"].endswith(f"parallel={resolved}")
+  _, expected, expected_summary = runs["none"]
+  for kind in ("auto", "pmap"):
+    _, metrics, summary = runs[kind]
+    for m, e in zip(metrics, expected, strict=True):
+      for key in METRIC_FIELDS - {"epoch_time_s"}:
+        assert m[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (kind, key)
+    assert summary["test_acc"] == pytest.approx(expected_summary["test_acc"], abs=1e-6)
