@@ -208,7 +208,7 @@ def _check_layers(tree, axis_name) -> None:
   """
   want = _axis_set(axis_name)
   for path, node in nnx.iter_graph(tree):
-    if not all(hasattr(node, a) for a in ("mode", "tau_prox", "axis_name")):
+    if not {"mode", "tau_prox", "axis_name"} <= getattr(node, "__dict__", {}).keys():
       continue
     have = _axis_set(node.axis_name)
     # A gradient-mode layer without the axis is a plain layer: the pmean fixes it.

@@ -1,0 +1,367 @@
+"""One data-parallel training step in every style, compared with one device on the global batch.
+
+tests/test_parallel.py runs this in subprocesses (the fake CPU device count must be set
+before JAX starts) and asserts on the JSON it writes:
+
+    python tests/_parallel_worker.py --plan convnet --out result.json
+
+For each case (model, mode, style, device count) it steps a copy of the model on ``n``
+devices and compares it with a reference copy stepped by ``nnx.jit`` on one device with the
+concatenated batch (layers with ``axis_name=None``). It records the largest relative
+differences of the parameters, of each layer's update ``θ⁺ − θ`` (all of its parameters
+together: a stricter test, since the update is small against the parameters), and of the
+loss, plus the shapes of the square matrices handed to `proxprop_jax.solvers`: ``(16, 16)``
+for the MLP's dense layers means the batch-space system of the *global* batch (16 rows, not
+the 2 rows of one device); the ConvNet's ``(p, p)`` Grams mean parameter space.
+
+This module imports nothing heavy at the top, so the test can read `plan` without JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+STYLES = ("pmap", "shard_map", "shard_map_vma", "jit_explicit", "jit_auto")
+MODES = ("gradient", "prox_exact", "prox_cg3")
+COUNTS = (2, 4, 8)
+GLOBAL_BATCH = 16
+DEVICES = 8
+# Fast compiles: the models are tiny, compile time dominates the test.
+XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
+             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def plan(name: str) -> list[tuple[str, str, str, int]]:
+  """The cases ``(model, mode, style, devices)`` one worker run covers.
+
+  ``mlp``: the paper's MLP (small) in every mode, style and device count, plus the MLP
+  made of ``pp.prox_module(nnx.Linear)`` layers (matrix-free `pp.proximal`) and of
+  ``pp.linen.Dense`` layers on 8 devices. ``convnet``: every mode and style on 8 devices;
+  on 2 and 4 devices each (mode, style) pair once, alternating (compile time).
+  """
+  if name == "mlp":
+    cases = [("mlp", m, s, n) for n in COUNTS for m in MODES for s in STYLES]
+    cases += [("mlp_generic", m, s, 8) for m in ("prox_exact", "prox_cg3") for s in STYLES]
+    cases += [("mlp_linen", "prox_cg3", s, 8) for s in ("pmap", "shard_map_vma", "jit_explicit")]
+    return cases
+  if name == "convnet":
+    cases = [("convnet", m, s, 8) for m in MODES for s in STYLES]
+    cases += [("convnet", m, s, COUNTS[(i + j) % 2])
+              for i, m in enumerate(MODES) for j, s in enumerate(STYLES)]
+    return cases
+  raise ValueError(f"unknown plan {name!r}")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--plan", required=True, choices=("mlp", "convnet"))
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAGS
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  out = {"cases": run(plan(args.plan))}
+  if args.plan == "mlp":
+    out["checks"] = checks()
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def _models():
+  """The paper's two models, small, with PyTorch's default init (as the reference)."""
+  import math
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import proxprop_jax as pp
+
+  def torch_uniform(fan_in=None):
+    def init(key, shape, dtype=jnp.float32):
+      bound = 1.0 / math.sqrt(fan_in or math.prod(shape[:-1]))
+      return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+  def linear(cls, fan_in, fan_out, rngs, **kw):
+    return cls(fan_in, fan_out, kernel_init=torch_uniform(), bias_init=torch_uniform(fan_in),
+               rngs=rngs, **kw)
+
+  class MLP(nnx.Module):
+    """16-32-24-10, ReLU; the last layer takes the plain gradient (as in the paper)."""
+
+    def __init__(self, mode, axis_name, rngs, hidden_cls=pp.Linear):
+      kw = dict(mode=mode, tau_prox=0.05, axis_name=axis_name)
+      self.l1 = linear(hidden_cls, 16, 32, rngs, **kw)
+      self.l2 = linear(hidden_cls, 32, 24, rngs, **kw)
+      self.head = linear(nnx.Linear, 24, 10, rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
+
+  ProxLinear = pp.prox_module(nnx.Linear)
+
+  class GenericMLP(MLP):
+    """The same MLP with matrix-free ``pp.prox_module(nnx.Linear)`` hidden layers."""
+
+    def __init__(self, mode, axis_name, rngs):
+      super().__init__(mode, axis_name, rngs, hidden_cls=ProxLinear)
+
+  class ConvNet(nnx.Module):
+    """Three 3x3 SAME convs 3-4-6-6 on 8x8 (ReLU, 2x2 max-pools after the first two), linear."""
+
+    def __init__(self, mode, axis_name, rngs):
+      kw = dict(mode=mode, tau_prox=1.0, axis_name=axis_name, padding="SAME",
+                kernel_init=torch_uniform(), rngs=rngs)
+      self.c1 = pp.Conv(3, 4, (3, 3), bias_init=torch_uniform(27), **kw)
+      self.c2 = pp.Conv(4, 6, (3, 3), bias_init=torch_uniform(36), **kw)
+      self.c3 = pp.Conv(6, 6, (3, 3), bias_init=torch_uniform(54), **kw)
+      self.head = linear(nnx.Linear, 2 * 2 * 6, 10, rngs)
+
+    def __call__(self, x):
+      x = nnx.max_pool(nnx.relu(self.c1(x)), (2, 2), strides=(2, 2))
+      x = nnx.max_pool(nnx.relu(self.c2(x)), (2, 2), strides=(2, 2))
+      x = nnx.relu(self.c3(x))
+      return self.head(x.reshape(x.shape[0], -1))
+
+  class LinenMLP(nn.Module):
+    """The MLP with ``pp.linen.Dense`` hidden layers."""
+
+    mode: str
+    axis_name: str | None
+
+    @nn.compact
+    def __call__(self, x):
+      kw = dict(mode=self.mode, tau_prox=0.05, axis_name=self.axis_name)
+      x = nn.relu(pp.linen.Dense(32, **kw)(x))
+      x = nn.relu(pp.linen.Dense(24, **kw)(x))
+      return nn.Dense(10)(x)
+
+  class LinenModel(nnx.Module):
+    """Wraps the Linen MLP as an NNX module (``nnx.bridge``), so every step helper runs it."""
+
+    def __init__(self, mode, axis_name, rngs):
+      from flax.nnx import bridge
+      self.net = bridge.ToNNX(LinenMLP(mode, axis_name), rngs=rngs)
+      bridge.lazy_init(self.net, jnp.zeros((1, 16)))
+
+    def __call__(self, x):
+      return self.net(x)
+
+  return {"mlp": (MLP, (16,)), "mlp_generic": (GenericMLP, (16,)),
+          "convnet": (ConvNet, (8, 8, 3)), "mlp_linen": (LinenModel, (16,))}
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run(cases):
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax import lax
+  from jax.sharding import AxisType, PartitionSpec as P
+
+  from proxprop_jax import parallel, solvers
+
+  assert jax.device_count() == DEVICES, jax.devices()
+  builders = _models()
+
+  # Records the shape of every square matrix handed to a function of `solvers` (at trace
+  # time), whichever solver the layer picks: the size of the system it solves.
+  factored = []
+
+  def spy(fn):
+    def wrapped(*args, **kwargs):
+      if args and getattr(args[0], "ndim", None) == 2 and args[0].shape[0] == args[0].shape[1]:
+        factored.append(tuple(args[0].shape))
+      return fn(*args, **kwargs)
+    return wrapped
+
+  for name, fn in list(vars(solvers).items()):
+    if callable(fn) and getattr(fn, "__module__", None) == solvers.__name__:
+      setattr(solvers, name, spy(fn))
+
+  def build(name, mode, axis_name):
+    cls, _ = builders[name]
+    model = cls(mode, axis_name, nnx.Rngs(0))  # the same parameters for every axis_name
+    # Nesterov SGD, lr 1 (not Adam: its first step would hide a scale error in D).
+    optimizer = nnx.Optimizer(model, optax.sgd(1.0, momentum=0.9, nesterov=True), wrt=nnx.Param)
+    return model, optimizer
+
+  def mean_loss(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  def global_step(model, optimizer, x, y):  # the global view: one device, or jit + sharding
+    loss, grads = nnx.value_and_grad(mean_loss)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+  def shard_step(model, optimizer, x, y):  # pmap / shard_map: x, y are this device's shard
+    loss, grads = nnx.value_and_grad(mean_loss)(model, x, y)
+    optimizer.update(model, lax.pmean(grads, "data"))
+    return loss
+
+  def shard_map_vma_step(mesh):
+    """``shard_map`` with ``check_vma=True``: differentiate the global mean ``pmean(loss)``."""
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+      graphdef, state = nnx.split((model, optimizer))
+
+      def per_device(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(lambda m: lax.pmean(mean_loss(m, x, y), "data"))(model)
+        optimizer.update(model, lax.pmean(grads, "data"))  # invariant already: no change
+        return nnx.state((model, optimizer)), loss
+
+      state, loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                  out_specs=P(), check_vma=True)(state, x, y)
+      nnx.update((model, optimizer), state)
+      return loss
+
+    return step
+
+  def layers(model):
+    """Each layer's parameters as one float64 vector (kernel and bias together)."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    out = {}
+    for path, var in flat:
+      out.setdefault(path[:-1], []).append(np.asarray(var.get_value(), np.float64).ravel())
+    return {k: np.concatenate(v) for k, v in sorted(out.items(), key=lambda kv: str(kv[0]))}
+
+  def rel(got, want):
+    return max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()) for k in want)
+
+  def make_step(style, devices, model, optimizer, x, y):
+    if style == "pmap":
+      return parallel.make_pmap_step(shard_step, "data", devices), (x, y)
+    kind = AxisType.Auto if style in ("jit_auto", "shard_map_vma") else AxisType.Explicit
+    mesh = parallel.make_mesh(devices, "data", axis_type=kind)
+    parallel.replicate((model, optimizer), mesh)
+    batch = parallel.shard_batch((x, y), mesh)
+    if style == "shard_map":
+      return parallel.make_shard_map_step(shard_step, mesh), batch
+    if style == "shard_map_vma":
+      return shard_map_vma_step(mesh), batch
+    return parallel.make_sharded_step(global_step, mesh), batch
+
+  rng = np.random.default_rng(0)
+  data, refs, results = {}, {}, []
+  for name, mode, style, n in cases:
+    if name not in data:
+      shape = builders[name][1]
+      data[name] = (rng.normal(size=(GLOBAL_BATCH, *shape)).astype(np.float32),
+                    rng.integers(0, 10, size=GLOBAL_BATCH).astype(np.int32))
+    x, y = data[name]
+    if (name, mode) not in refs:
+      model, optimizer = build(name, mode, None)
+      before = layers(model)
+      factored.clear()
+      device = jax.devices()[0]
+      loss = float(nnx.jit(global_step)(model, optimizer, jax.device_put(x, device),
+                                        jax.device_put(y, device)))
+      after = layers(model)
+      refs[name, mode] = (before, after, {k: after[k] - before[k] for k in after}, loss,
+                          sorted(set(factored)))
+    before, ref, ref_update, ref_loss, ref_factored = refs[name, mode]
+    factored.clear()
+    model, optimizer = build(name, mode, None if style.startswith("jit") else "data")
+    step, batch = make_step(style, jax.devices()[:n], model, optimizer, x, y)
+    loss = float(step(model, optimizer, *batch))
+    got = layers(model)
+    results.append(dict(
+        model=name, mode=mode, style=style, devices=n,
+        params=rel(got, ref), update=rel({k: got[k] - before[k] for k in got}, ref_update),
+        loss=abs(loss - ref_loss) / abs(ref_loss),
+        replicated=all(v.sharding.is_fully_replicated
+                       for v in jax.tree.leaves(nnx.state((model, optimizer)))),
+        factored=sorted(set(factored)), ref_factored=ref_factored))
+    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+  return results
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def checks():
+  """Bad input and a negative control; returns ``{name: message or number}``."""
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax import lax
+
+  from proxprop_jax import parallel
+
+  builders = _models()
+  out = {}
+
+  def error(fn):
+    try:
+      fn()
+    except ValueError as e:
+      return str(e)
+    return None
+
+  mlp = lambda axis: builders["mlp"][0]("prox_exact", axis, nnx.Rngs(0))
+  with_opt = lambda m: (m, nnx.Optimizer(m, optax.sgd(1.0), wrt=nnx.Param))
+
+  def step_fn(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(
+        lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+    optimizer.update(model, lax.pmean(grads, "data"))
+    return loss
+
+  def global_fn(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(
+        lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+    optimizer.update(model, grads)
+    return loss
+
+  x = np.ones((10, 16), np.float32)
+  y = np.zeros(10, np.int32)
+  mesh = parallel.make_mesh()
+  out["shard_batch_uneven"] = error(lambda: parallel.shard_batch((x, y), mesh))
+  out["shard_batch_mismatch"] = error(lambda: parallel.shard_batch((x[:8], y[:4]), mesh))
+  pmap_step = parallel.make_pmap_step(step_fn, "data", jax.devices()[:4])
+  out["pmap_uneven"] = error(lambda: pmap_step(*with_opt(mlp("data")), x, y))
+  out["pmap_no_axis"] = error(lambda: pmap_step(*with_opt(mlp(None)), x[:8], y[:8]))
+  sm_step = parallel.make_shard_map_step(step_fn, mesh)
+  xs, ys = parallel.shard_batch((x[:8], y[:8]), mesh)
+  out["shard_map_no_axis"] = error(lambda: sm_step(*with_opt(mlp(None)), xs, ys))
+  jit_step = parallel.make_sharded_step(global_fn, mesh)
+  out["jit_with_axis"] = error(lambda: jit_step(*with_opt(mlp("data")), xs, ys))
+  out["jit_unsharded"] = error(lambda: jit_step(*with_opt(mlp(None)), x[:8], y[:8]))
+
+  # Negative control: layers without axis_name under pmap (the check bypassed) use their
+  # shard's direction; the result must differ clearly from one device on the global batch,
+  # or the equality tests above would prove nothing.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(GLOBAL_BATCH, 16)).astype(np.float32)
+  y = rng.integers(0, 10, size=GLOBAL_BATCH).astype(np.int32)
+  ref_model, ref_opt = with_opt(mlp(None))
+  before = np.asarray(ref_model.l1.kernel.get_value())
+  nnx.jit(global_fn)(ref_model, ref_opt, x, y)
+  ref_update = np.asarray(ref_model.l1.kernel.get_value()) - before
+  check, parallel._check_layers = parallel._check_layers, lambda *args: None
+  try:
+    model, opt = with_opt(mlp(None))
+    parallel.make_pmap_step(step_fn, "data", jax.devices())(model, opt, x, y)
+  finally:
+    parallel._check_layers = check
+  update = np.asarray(model.l1.kernel.get_value()) - before
+  out["local_direction_update_rel"] = float(np.abs(update - ref_update).max()
+                                            / np.abs(ref_update).max())
+  return out
+
+
+if __name__ == "__main__":
+  main()
