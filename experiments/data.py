@@ -7,6 +7,9 @@ float32) to keep in host memory, which makes the data order a pure function of (
 
 from __future__ import annotations
 
+import glob
+import os
+
 import numpy as np
 
 CIFAR10_TRAIN = 45000  # the paper's split: train[:45000] / train[45000:] as validation / test
@@ -20,8 +23,7 @@ Training never downloads it. Prepare it once, on a machine with internet access:
     python -c "import tensorflow_datasets as tfds; tfds.data_source('cifar10', data_dir='{data_dir}')"
 
 then pass --data-dir {data_dir} (or copy that folder to this machine).
-To try everything offline right now, use --dataset digits (real 8x8 digit images, no download).
-({error}: {message})"""
+To try everything offline right now, use --dataset digits (real 8x8 digit images, no download).{detail}"""
 
 
 class DataNotPreparedError(RuntimeError):
@@ -61,8 +63,10 @@ def load_cifar10(data_dir: str | None = None) -> dict:
     sources = tfds.data_source("cifar10", split=splits, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises various types here; all mean "not usable as prepared"
     shown_dir = data_dir or tfds.core.constants.DATA_DIR
-    raise DataNotPreparedError(PREPARE_HELP.format(data_dir=shown_dir, error=type(e).__name__,
-                                           message=str(e).splitlines()[0])) from e
+    # Something is there but unusable (e.g. prepared by tfds.load as TFRecord): say what.
+    found = glob.glob(os.path.join(shown_dir, "cifar10", "*", "dataset_info.json"))
+    detail = f"\n(tfds found {found[0]} but said: {type(e).__name__}: {e})" if found else ""
+    raise DataNotPreparedError(PREPARE_HELP.format(data_dir=shown_dir, detail=detail)) from e
   return {name: _to_arrays([source[i] for i in range(len(source))])
           for name, source in sources.items()}
 

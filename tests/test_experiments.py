@@ -103,6 +103,14 @@ def test_offline_cifar10_without_prepared_data_fails_fast_with_instructions(tmp_
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_unusable_prepared_cifar10_says_what_tfds_found(tmp_path):
+  info = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"
+  info.parent.mkdir(parents=True)
+  info.write_text("{}")
+  with pytest.raises(data.DataNotPreparedError, match="tfds found .*dataset_info.json"):
+    data.load("cifar10", data_dir=str(tmp_path))
+
+
 # -------------------------------------------------------------------------- models
 
 
