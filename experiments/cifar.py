@@ -57,23 +57,27 @@ def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.cifar", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--model", choices=("convnet", "mlp"), default="convnet")
+  parser.add_argument("--model", choices=("convnet", "mlp"), default="convnet",
+                      help="the paper's ConvNet or MLP")
   parser.add_argument("--mode", type=mode_arg, default="prox_cg1", metavar="MODE",
                       help=models.MODES_HELP + "; backprop builds the model from plain flax "
                       "layers, gradient from ProxProp layers in gradient mode")
-  parser.add_argument("--optimizer", choices=("adam", "nesterov"), default="adam")
-  parser.add_argument("--lr", type=positive(float), default=1e-3)
-  parser.add_argument("--tau-prox", type=tau_arg, default=1.0)
+  parser.add_argument("--optimizer", choices=("adam", "nesterov"), default="adam",
+                      help="Adam, or SGD with Nesterov momentum")
+  parser.add_argument("--lr", type=positive(float), default=1e-3, help="learning rate")
+  parser.add_argument("--tau-prox", type=tau_arg, default=1.0,
+                      help="ProxProp's proximal step size tau (> 0)")
   parser.add_argument("--momentum", type=float, default=0.95, help="Nesterov momentum")
-  parser.add_argument("--epochs", type=positive(int), default=50)
-  parser.add_argument("--batch-size", type=positive(int), default=500)
+  parser.add_argument("--epochs", type=positive(int), default=50, help="training epochs")
+  parser.add_argument("--batch-size", type=positive(int), default=500, help="mini-batch size")
   parser.add_argument("--train-samples", type=positive(int), default=None,
-                      help="use only the first N training examples (default: all)")
+                      help="use only the first N training examples; None: all")
   parser.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10",
                       help="digits: sklearn's real 8x8 digits, offline")
   parser.add_argument("--data-dir", default=None,
-                      help="tfds data dir holding prepared CIFAR-10 (default: tfds' own)")
-  parser.add_argument("--seed", type=int, default=0)
+                      help="tfds data dir holding prepared CIFAR-10; None: tfds' default")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seeds the init, the data order and the digits split")
   parser.add_argument("--out", default="runs/cifar", help="output folder of the run")
   parser.add_argument("--parallel", choices=("auto", "none", "pmap", "sharded"), default="auto",
                       help="auto: sharded when several devices are present")
@@ -82,9 +86,10 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--quiet", action="store_true",
                       help="one line per epoch instead of a progress bar")
   group = parser.add_argument_group("several processes (jax.distributed)")
-  group.add_argument("--coordinator-address", default=None)
-  group.add_argument("--num-processes", type=positive(int), default=None)
-  group.add_argument("--process-id", type=int, default=None)
+  group.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+  group.add_argument("--num-processes", type=positive(int), default=None,
+                     help="processes in the job")
+  group.add_argument("--process-id", type=int, default=None, help="this process's index")
   return parser
 
 

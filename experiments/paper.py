@@ -39,16 +39,21 @@ def make_parser() -> argparse.ArgumentParser:
       prog="python -m experiments.paper", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--out", required=True, help="folder of the grid's runs and figures")
-  parser.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10")
-  parser.add_argument("--epochs", type=cifar.positive(int), default=50)
+  parser.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10",
+                      help="digits: sklearn's real 8x8 digits, offline")
+  parser.add_argument("--epochs", type=cifar.positive(int), default=50,
+                      help="training epochs of every run")
   parser.add_argument("--only", choices=("mlp", "convnet"), default=None,
                       help="run only this model's part of the grid")
-  parser.add_argument("--data-dir", default=None, help="tfds data dir of prepared CIFAR-10")
+  parser.add_argument("--data-dir", default=None,
+                      help="tfds data dir holding prepared CIFAR-10; None: tfds' default")
   parser.add_argument("--train-samples", type=cifar.positive(int), default=None,
-                      help="use only the first N training examples (default: all)")
-  parser.add_argument("--batch-size", type=cifar.positive(int), default=500)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--parallel", choices=("auto", "none", "pmap", "sharded"), default="auto")
+                      help="use only the first N training examples; None: all")
+  parser.add_argument("--batch-size", type=cifar.positive(int), default=500,
+                      help="mini-batch size (the paper's: 500)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of every run")
+  parser.add_argument("--parallel", choices=("auto", "none", "pmap", "sharded"), default="auto",
+                      help="auto: sharded when several devices are present")
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   return parser
 

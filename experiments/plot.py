@@ -11,7 +11,8 @@ from experiments import plots
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                       help="folders written by experiments.cifar")
   parser.add_argument("--out", default="runs.png", help="image file (.png, .pdf, .svg)")
