@@ -7,6 +7,7 @@ float32) to keep in host memory, which makes the data order a pure function of (
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -48,6 +49,7 @@ def load(dataset: str, *, data_dir: str | None = None, seed: int = 0) -> dict:
   raise ValueError(f"unknown dataset {dataset!r}; valid: cifar10, digits")
 
 
+@functools.cache  # decoding 60k PNGs takes a while; the paper's grid loads it once per process
 def load_cifar10(data_dir: str | None = None) -> dict:
   """Loads prepared CIFAR-10 through ``tfds.data_source``, never downloading.
 
