@@ -24,7 +24,7 @@ Training never downloads it. Prepare it once, on a machine with internet access:
     python -c "import tensorflow_datasets as tfds; tfds.data_source('cifar10', data_dir='{data_dir}')"
 
 then pass --data-dir {data_dir} (or copy that folder to this machine).
-To try everything offline right now, use --dataset digits (real 8x8 digit images, no download).{detail}"""
+To try everything offline now, use --dataset digits (real 8x8 digit images, no download).{detail}"""
 
 
 class DataNotPreparedError(RuntimeError):
@@ -84,9 +84,9 @@ def load_digits(seed: int = 0) -> dict:
 
   The split 1297 / 250 / 250 is a seeded permutation, the same for every run with this seed.
   """
-  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=import-outside-toplevel
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
 
-  digits = sklearn_digits()
+  digits = datasets.load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]  # NHWC, one channel
   labels = digits.target.astype(np.int32)
   order = np.random.default_rng(seed).permutation(len(labels))

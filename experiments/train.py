@@ -3,8 +3,8 @@
 ``run(config)`` trains one model and writes, in ``config["out"]``:
 
 - ``config.json``: the run's settings;
-- ``metrics.jsonl``: one JSON object per epoch (epoch, minibatch_avg_loss, full_batch_loss,
-  full_batch_acc, val_loss, val_acc, epoch_time_s);
+- ``metrics.jsonl``: one JSON object per epoch (epoch, minibatch_avg_loss: the mean of the
+  epoch's mini-batch losses, full_batch_loss, full_batch_acc, val_loss, val_acc, epoch_time_s);
 - ``summary.json``: test_loss, test_acc, train_time_s, steps_per_s, device;
 - ``checkpoints/``: orbax checkpoints of model, optimizer and metrics so far, every epoch.
 
@@ -208,9 +208,9 @@ def load_model(run_dir: str, input_shape) -> tuple[nnx.Module, dict]:
   return model, meta
 
 
-def _warm_up(step, model, optimizer, shapes_and_batches):
+def _warm_up(step, model, optimizer, batches):
   """Compiles the step for each batch shape on throwaway copies, so epoch times exclude it."""
-  for batch in shapes_and_batches:
+  for batch in batches:
     jax.block_until_ready(step(*nnx.clone((model, optimizer)), *batch))
 
 
@@ -285,7 +285,8 @@ def run(config: dict) -> dict:
     if is_writer:
       with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics[-1]) + "\n")
-      tqdm.write(f"epoch {epoch:3d}/{config['epochs']}  minibatch loss {metrics[-1]['minibatch_avg_loss']:.4f}"
+      tqdm.write(f"epoch {epoch:3d}/{config['epochs']}"
+                 f"  minibatch loss {metrics[-1]['minibatch_avg_loss']:.4f}"
                  f"  train loss {train_loss:.4f} acc {train_acc:.4f}"
                  f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
                  f"  {epoch_time:.2f} s ({len(batches) / epoch_time:.1f} steps/s)", file=sys.stdout)
