@@ -175,11 +175,49 @@ class _ConvLayer:
 # ------------------------------------------------------------------ the direction D
 
 
-def _use_batch_space(layer, x_shape, rows: int, p: int, out: int) -> bool:
-  """Whether the ``rows × rows`` system is cheaper than the ``p × p`` one (FLOPs)."""
-  batch = 2.0 * rows * rows * p + rows**3 + 2.0 * rows * p * out
-  param = layer.gram_flops(x_shape) + p**3 + 2.0 * p * p * out
+# Costs of dense factorisations in matrix-product FLOPs (measured on a 2-core CPU:
+# XLA's products run several times faster than LAPACK's factorisations and
+# triangular solves; see benchmarks/RESULTS.md).
+_CHOLESKY_COST = 2.0  # × n³
+_EIGH_COST = 20.0  # × n³
+_TRSM_COST = 3.0  # × the FLOPs of a triangular solve
+
+
+def _inverse_is_cheaper(n: int, k: int) -> bool:
+  """Whether applying ``(M + λI)⁻¹`` as an explicit inverse beats two triangular solves."""
+  return 5.0 * n**3 + 2.0 * n * n * k < _TRSM_COST * 2.0 * n * n * k
+
+
+def _cg_in_eigenbasis(n: int, k: int, steps: int) -> bool:
+  """Whether ``eigh`` + two rotations beats ``steps`` products with the formed matrix."""
+  return _EIGH_COST * n**3 + 4.0 * n * n * k < 2.0 * steps * n * n * k
+
+
+def _solve_flops(n: int, k: int, mode: Mode | None) -> float:
+  """Estimated cost of solving the ``n × n`` system for ``k`` columns in ``mode``."""
+  if mode is None or mode.is_exact:
+    return _CHOLESKY_COST * n**3 + min(5.0 * n**3 + 2.0 * n * n * k,
+                                       _TRSM_COST * 2.0 * n * n * k)
+  return min(2.0 * mode.cg_steps * n * n * k, _EIGH_COST * n**3 + 4.0 * n * n * k)
+
+
+def _use_batch_space(layer, x_shape, rows: int, p: int, out: int, mode: Mode | None = None) -> bool:
+  """Whether the ``rows × rows`` system is cheaper than the ``p × p`` one (FLOPs).
+
+  Both need one ``rows·p·out`` product (``Aᵀy`` resp. ``Aᵀg``); the difference is
+  forming ``AAᵀ`` (``2·rows²·p``) or the Gram (`gram_flops`), and the solve.
+  """
+  batch = 2.0 * rows * rows * p + _solve_flops(rows, out, mode)
+  param = layer.gram_flops(x_shape) + _solve_flops(p, out, mode)
   return batch < param
+
+
+def _spd_apply(matrix, rhs, lam):
+  """``(M + λI)⁻¹ B``: triangular solves, or the explicit inverse for many columns."""
+  n, k = rhs.shape
+  if _inverse_is_cheaper(n, k):
+    return solvers.spd_inverse(matrix, lam) @ rhs
+  return solvers.spd_solve(matrix, rhs, lam)
 
 
 def _direction(layer, cfg: _Prox, x, g, grad):
@@ -193,7 +231,7 @@ def _direction(layer, cfg: _Prox, x, g, grad):
   p, out = grad.shape
   devices = 1 if axis is None else _axis_size(axis)
   rows = (g.size // out) * devices
-  if _use_batch_space(layer, (x.shape[0] * devices, *x.shape[1:]), rows, p, out):
+  if _use_batch_space(layer, (x.shape[0] * devices, *x.shape[1:]), rows, p, out, mode):
     invariant = False
     if axis is not None:  # every device solves with the rows of all devices
       # Already-summed Aᵀg (see _summed_by_autodiff): g carries the global scale.
@@ -202,16 +240,30 @@ def _direction(layer, cfg: _Prox, x, g, grad):
       gather = _all_gather_invariant if invariant else lax.all_gather
       x, g = gather(x, axis, axis=0, tiled=True), gather(g, axis, axis=0, tiled=True)
       g = g if summed else g / devices
-    a = layer.input_matrix(x)
+    # A = [a, 1] is never materialised: AAᵀ = aaᵀ + 1 and Aᵀm = [aᵀm; 1ᵀm].
+    a = dataclasses.replace(layer, use_bias=False).input_matrix(x)
     g = g.reshape(-1, out)
-    kernel = a @ a.T
-    if mode.is_exact:
-      y = solvers.spd_solve(kernel, g, lam)
+    kernel = a @ a.T + (1 if layer.use_bias else 0)
+    n = kernel.shape[0]
+
+    def transpose_times(m, rhs=None):  # Aᵀ m (rhs), multiplied in the cheaper order
+      if rhs is not None and p < rhs.shape[1]:
+        parts = [(a.T @ m) @ rhs] + [jnp.sum(m, 0, keepdims=True) @ rhs] * layer.use_bias
+      else:
+        m = m if rhs is None else m @ rhs
+        parts = [a.T @ m] + [jnp.sum(m, 0, keepdims=True)] * layer.use_bias
+      return jnp.concatenate(parts, axis=0) if layer.use_bias else parts[0]
+
+    if mode.is_exact and _inverse_is_cheaper(n, out):
+      d = transpose_times(solvers.spd_inverse(kernel, lam), g)
+    elif mode.is_exact:
+      d = transpose_times(solvers.spd_solve(kernel, g, lam))
+    elif not _cg_in_eigenbasis(n, out, mode.cg_steps):
+      d = transpose_times(solvers.kernel_cg(kernel, g, lam, mode.cg_steps))
     else:
       evals, evecs, keep = solvers.eigh_psd(kernel)
       w = solvers.eig_cg(evals, (evecs.T @ g) * keep[:, None], lam, mode.cg_steps, weights=evals)
-      y = evecs @ w
-    d = a.T @ y
+      d = transpose_times(evecs, w)
     if axis is not None and summed and not invariant:  # same on every device: make invariant
       d = lax.psum(d, axis) / devices
     return d
@@ -219,7 +271,9 @@ def _direction(layer, cfg: _Prox, x, g, grad):
   if axis is not None:
     gram, grad = _reduce(lax.psum, gram, axis, x), _reduce(lax.pmean, grad, axis, x)
   if mode.is_exact:
-    return solvers.spd_solve(gram, grad, lam)
+    return _spd_apply(gram, grad, lam)
+  if not _cg_in_eigenbasis(p, out, mode.cg_steps):
+    return solvers.gram_cg(gram, grad, lam, mode.cg_steps)
   evals, evecs, keep = solvers.eigh_psd(gram)
   w = solvers.eig_cg(evals, (evecs.T @ grad) * keep[:, None], lam, mode.cg_steps)
   return evecs @ w

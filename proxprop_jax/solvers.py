@@ -6,6 +6,10 @@ solvers:
 
 * `spd_solve`: Cholesky, with an eigendecomposition fallback when Cholesky breaks
   down (``λ`` tiny against a nearly singular ``M``, e.g. ``τ = 1e6``);
+* `spd_inverse`: the same factorisation, as an explicit inverse (for many right-hand
+  sides, where triangular solves are slow);
+* `gram_cg`: textbook CG with the formed ``M`` (one small product per step);
+* `kernel_cg`: textbook CG on ``(AᵀA + λI) D = Aᵀg`` in batch space, given ``AAᵀ``;
 * `eig_cg`: textbook CG iterates computed in the eigenbasis of ``M``, where every
   iterate is a diagonal recurrence (exact CG at the cost of one ``eigh``);
 * `cg`: a matrix-free textbook CG over pytrees (``lax.fori_loop``, so it also runs
@@ -73,6 +77,90 @@ def spd_solve(matrix, rhs, lam):
     return jax.scipy.linalg.cho_solve((chol, True), rhs)
 
   return lax.cond(ok, cholesky_branch, lambda: eig_solve(matrix, rhs, lam))
+
+
+def spd_inverse(matrix, lam):
+  """``(M + λI)⁻¹`` for PSD ``M`` (n, n), with `spd_solve`'s eigendecomposition fallback.
+
+  ``L⁻ᵀ L⁻¹`` from the Cholesky factor ``L``: one triangular solve with ``n``
+  right-hand sides and one matrix product. Applying it to ``k ≳ 1.5 n`` columns is
+  faster than `spd_solve`'s two triangular solves with ``k`` right-hand sides
+  (triangular solves run well below matrix-product speed on CPUs and GPUs).
+  """
+  n = matrix.shape[0]
+  eye = jnp.eye(n, dtype=matrix.dtype)
+  chol = jnp.linalg.cholesky(matrix + lam * eye)
+  ok = jnp.all(jnp.isfinite(chol))
+
+  def cholesky_branch():
+    inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
+    return inv_l.T @ inv_l
+
+  def eig_branch():
+    evals, evecs, keep = eigh_psd(matrix)
+    return (evecs * (keep / (evals + lam))) @ evecs.T
+
+  return lax.cond(ok, cholesky_branch, eig_branch)
+
+
+def gram_cg(matrix, rhs, lam, steps: int):
+  """``steps`` textbook CG iterations per column on ``(M + λI) X = B`` from ``X = 0``.
+
+  ``M`` (n, n) is formed (e.g. the Gram ``AᵀA`` of a convolution), so each iteration
+  is one ``(n, n) @ (n, k)`` product: for ``N`` steps ``2·N·n²·k`` FLOPs, much less
+  than an eigendecomposition when ``N·k ≪ n``. One independent CG per column of
+  ``B``; a column whose residual is exactly zero stays put (no 0/0).
+  """
+
+  def matvec(p):
+    return matrix @ p + lam * p
+
+  def step(_, carry):
+    x, r, p, rr = carry
+    ap = matvec(p)
+    alpha = _safe_divide(rr, jnp.sum(p * ap, axis=0))
+    x, r = x + alpha * p, r - alpha * ap
+    rr_new = jnp.sum(r * r, axis=0)
+    p = r + _safe_divide(rr_new, rr) * p
+    return x, r, p, rr_new
+
+  rr = jnp.sum(rhs * rhs, axis=0)
+  x, _, p, rr = lax.fori_loop(0, steps - 1, step, (jnp.zeros_like(rhs), rhs, rhs, rr))
+  return x + _safe_divide(rr, jnp.sum(p * matvec(p), axis=0)) * p  # the last step: no new residual
+
+
+def kernel_cg(kernel, g, lam, steps: int):
+  """Batch-space textbook CG: ``Y`` with ``D = Aᵀ Y`` the ``N``-step CG iterate.
+
+  Runs CG on ``(AᵀA + λI) D = Aᵀ g`` (one CG per column, from ``D = 0``) given only
+  the kernel matrix ``K = A Aᵀ`` (rows, rows): every iterate, residual and search
+  direction lies in the range of ``Aᵀ`` (``D = AᵀY``, ``r = Aᵀρ``, ``p = Aᵀπ``), with
+
+  * ``⟨r, r⟩ = ρᵀKρ`` and ``⟨p, (AᵀA + λI) p⟩ = ‖Kπ‖² + λ πᵀKπ``;
+  * ``(AᵀA + λI) Aᵀπ = Aᵀ (K + λI) π``, so ``ρ ← ρ − α (Kπ + λπ)``;
+  * ``Kπ ← Kρ + β Kπ``, so each iteration needs one product ``Kρ``.
+
+  ``N`` steps cost ``N`` products ``(rows, rows) @ (rows, k)`` and no
+  factorisation; exact textbook CG in exact arithmetic. A column whose residual is
+  exactly zero stays put.
+  """
+  k_g = kernel @ g
+
+  def step(_, carry):
+    y, rho, pi, k_pi, rr = carry
+    alpha = _safe_divide(rr, jnp.sum(k_pi * k_pi, axis=0) + lam * jnp.sum(pi * k_pi, axis=0))
+    y = y + alpha * pi
+    rho = rho - alpha * (k_pi + lam * pi)
+    k_rho = kernel @ rho
+    rr_new = jnp.sum(rho * k_rho, axis=0)
+    beta = _safe_divide(rr_new, rr)
+    return y, rho, rho + beta * pi, k_rho + beta * k_pi, rr_new
+
+  rr = jnp.sum(g * k_g, axis=0)
+  init = (jnp.zeros_like(g), g, g, k_g, rr)
+  y, _, pi, k_pi, rr = lax.fori_loop(0, steps - 1, step, init)
+  alpha = _safe_divide(rr, jnp.sum(k_pi * k_pi, axis=0) + lam * jnp.sum(pi * k_pi, axis=0))
+  return y + alpha * pi
 
 
 def eig_cg(evals, coeffs, lam, steps: int, weights=None):
