@@ -144,7 +144,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+def _run_two_processes_and_reference(tmp_path):
   script = os.path.join(HERE, "_two_process_worker.py")
   address = f"127.0.0.1:{_free_port()}"
   commands = [[sys.executable, script, "--devices", "2", "--coordinator-address", address,
@@ -157,6 +157,15 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     with open(logs[-1], "w") as f:
       procs.append(subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=_env()))
   _wait(procs, logs, 120)
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  try:
+    _run_two_processes_and_reference(tmp_path)
+  except pytest.fail.Exception as e:  # the free port was taken meanwhile: once more
+    if "already in use" not in str(e).lower():
+      raise
+    _run_two_processes_and_reference(tmp_path)
   p0, p1, ref = (np.load(tmp_path / f"{n}.npz") for n in ("p0", "p1", "ref"))
   params = [k for k in ref.files if not k.startswith("init/") and not k.endswith("loss")]
   assert len(params) == 14
