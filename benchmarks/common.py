@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 import time
 from typing import Callable, Sequence
@@ -173,8 +174,14 @@ def memory_of(compiled):
   return peak, detail
 
 
-def time_interleaved(entries: Sequence[Compiled], x, y, *, repeats: int, warmup: int = 2):
-  """Times every entry's step ``repeats`` times, interleaved (A B C A B C …).
+def time_interleaved(entries: Sequence[Compiled], x, y, *, repeats: int, warmup: int = 2,
+                     seed: int = 0):
+  """Times every entry's step ``repeats`` times, interleaved (A B C, C A B, …).
+
+  Every round runs each entry once, in a freshly shuffled order: on a shared,
+  noisy machine the step that follows another program runs measurably slower or
+  faster depending on which program ran before (allocator and cache state), and a
+  fixed order would bias the same entry every round.
 
   Returns a dict name → list of seconds per step (each call synchronised with
   ``block_until_ready``).
@@ -184,8 +191,11 @@ def time_interleaved(entries: Sequence[Compiled], x, y, *, repeats: int, warmup:
       e.state, loss = e.step(e.state, x, y)
       jax.block_until_ready((e.state, loss))
   times = {e.name: [] for e in entries}
+  order = list(entries)
+  rng = random.Random(seed)
   for _ in range(repeats):
-    for e in entries:
+    rng.shuffle(order)
+    for e in order:
       start = time.perf_counter()
       e.state, loss = e.step(e.state, x, y)
       jax.block_until_ready((e.state, loss))

@@ -6,8 +6,9 @@
 Builds the paper's MLP and/or ConvNet once per mode (hidden layers ``pp.Linear`` /
 ``pp.Conv``; ``backprop`` = the same model from plain flax layers), compiles one
 training step per mode in this process (loss, backward pass, optax update; the batch
-is a jit argument), then times all modes interleaved (A B C … A B C …, after
-warm-up) with ``block_until_ready`` and prints a Markdown table: median step time,
+is a jit argument), then times all modes interleaved (after warm-up, every round runs
+each mode once, in a shuffled order) with ``block_until_ready`` and prints a Markdown
+table: median step time,
 ratio to BackProp, compile time (``lower().compile()``), peak memory (XLA's memory
 analysis of the compiled step: arguments + outputs + temporaries − donated/aliased
 bytes; on a GPU the process-wide device peak is printed below the table) and the
@@ -99,7 +100,7 @@ def markdown(rows) -> str:
 def header(env: dict, args) -> str:
   return (f"device: {env['device']} (x{env['devices']}), jax {env['jax']}, jaxlib "
           f"{env['jaxlib']}, flax {env['flax']}, optax {env['optax']}; batch "
-          f"{args.batch_size}, float32, {args.repeats} interleaved repeats after "
+          f"{args.batch_size}, float32, {args.repeats} interleaved rounds (shuffled order) after "
           f"{args.warmup} warm-up steps, median; OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
 

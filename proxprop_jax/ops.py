@@ -175,12 +175,14 @@ class _ConvLayer:
 # ------------------------------------------------------------------ the direction D
 
 
-# Costs of dense factorisations in matrix-product FLOPs (measured on a 2-core CPU:
-# XLA's products run several times faster than LAPACK's factorisations and
-# triangular solves; see benchmarks/RESULTS.md).
+# Costs in matrix-product FLOPs, measured on a 2-core CPU (benchmarks/RESULTS.md): XLA's
+# products run several times faster than LAPACK's factorisations and triangular solves,
+# and an elementwise CG step is memory bound (per element of the (n, k) iterate).
 _CHOLESKY_COST = 2.0  # × n³
-_EIGH_COST = 20.0  # × n³
+_EIGH_COST = 16.0  # × n³
 _TRSM_COST = 3.0  # × the FLOPs of a triangular solve
+_CG_STEP_COST = 500.0  # × n·k, the vector updates of one `gram_cg` / `kernel_cg` step
+_EIG_CG_STEP_COST = 200.0  # × n·k, one step of `eig_cg`'s diagonal recurrence
 
 
 def _inverse_is_cheaper(n: int, k: int) -> bool:
@@ -188,9 +190,18 @@ def _inverse_is_cheaper(n: int, k: int) -> bool:
   return 5.0 * n**3 + 2.0 * n * n * k < _TRSM_COST * 2.0 * n * n * k
 
 
+def _cg_flops(n: int, k: int, steps: int) -> tuple[float, float]:
+  """Costs of ``steps`` CG steps on an ``n × n`` system with ``k`` columns: with the
+  formed matrix (a product per step), and in its eigenbasis (``eigh``, two rotations)."""
+  direct = steps * (2.0 * n * n * k + _CG_STEP_COST * n * k)
+  eigen = _EIGH_COST * n**3 + 4.0 * n * n * k + steps * _EIG_CG_STEP_COST * n * k
+  return direct, eigen
+
+
 def _cg_in_eigenbasis(n: int, k: int, steps: int) -> bool:
   """Whether ``eigh`` + two rotations beats ``steps`` products with the formed matrix."""
-  return _EIGH_COST * n**3 + 4.0 * n * n * k < 2.0 * steps * n * n * k
+  direct, eigen = _cg_flops(n, k, steps)
+  return eigen < direct
 
 
 def _solve_flops(n: int, k: int, mode: Mode | None) -> float:
@@ -198,7 +209,7 @@ def _solve_flops(n: int, k: int, mode: Mode | None) -> float:
   if mode is None or mode.is_exact:
     return _CHOLESKY_COST * n**3 + min(5.0 * n**3 + 2.0 * n * n * k,
                                        _TRSM_COST * 2.0 * n * n * k)
-  return min(2.0 * mode.cg_steps * n * n * k, _EIGH_COST * n**3 + 4.0 * n * n * k)
+  return min(_cg_flops(n, k, mode.cg_steps))
 
 
 def _use_batch_space(layer, x_shape, rows: int, p: int, out: int, mode: Mode | None = None) -> bool:

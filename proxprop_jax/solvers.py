@@ -163,6 +163,10 @@ def kernel_cg(kernel, g, lam, steps: int):
   return y + alpha * pi
 
 
+#: `eig_cg` runs its recurrence on blocks of this many columns on CPUs.
+EIG_CG_CHUNK = 64
+
+
 def eig_cg(evals, coeffs, lam, steps: int, weights=None):
   """``steps`` textbook CG iterations per column, in an eigenbasis.
 
@@ -190,18 +194,30 @@ def eig_cg(evals, coeffs, lam, steps: int, weights=None):
   m = jnp.ones_like(evals)[:, None] if weights is None else weights[:, None]
 
   def step(_, carry):
-    w, r, p, rr = carry
+    r, p, rr = carry
     ap = diag * p
     alpha = _safe_divide(rr, jnp.sum(m * p * ap, axis=0))
-    w = w + alpha * p
     r = r - alpha * ap
     rr_new = jnp.sum(m * r * r, axis=0)
     p = r + _safe_divide(rr_new, rr) * p
-    return w, r, p, rr_new
+    return r, p, rr_new
 
-  rr = jnp.sum(m * coeffs * coeffs, axis=0)
-  init = (jnp.zeros_like(coeffs), coeffs, coeffs, rr)
-  return lax.fori_loop(0, steps, step, init, unroll=True)[0]
+  def run(c):
+    # The iterate is not carried: the system is diagonal, so w = (c − r) / (s + λ)
+    # (the residual's definition), which saves two of the five array passes per step.
+    r = lax.fori_loop(0, steps, step, (c, c, jnp.sum(m * c * c, axis=0)))[0]
+    return (c - r) / diag
+
+  n, k = coeffs.shape
+  if jax.default_backend() != "cpu" or k < 2 * EIG_CG_CHUNK:
+    return run(coeffs)
+  # On CPUs the recurrence is memory bound: run it on cache-sized blocks of columns
+  # (the columns are independent CGs), a few times faster than on the whole array.
+  blocks = -(-k // EIG_CG_CHUNK)
+  c = jnp.pad(coeffs, ((0, 0), (0, blocks * EIG_CG_CHUNK - k)))  # zero columns stay zero
+  c = c.reshape(n, blocks, EIG_CG_CHUNK).transpose(1, 0, 2)
+  w = lax.map(run, c).transpose(1, 0, 2).reshape(n, blocks * EIG_CG_CHUNK)
+  return w[:, :k]
 
 
 def tree_vdot(a, b):

@@ -195,3 +195,20 @@ def test_spd_inverse_matches_numpy_and_falls_back():
   low = rng.normal(size=(30, 2)).astype(np.float32) * 100
   inv = jax.jit(solvers.spd_inverse)(jnp.asarray(low @ low.T), 1e-6)
   assert np.all(np.isfinite(inv))
+
+
+def test_eig_cg_on_column_blocks_matches_whole_array(monkeypatch):
+  rng = np.random.default_rng(7)
+  evals = np.abs(rng.normal(size=9)) * 3
+  coeffs = rng.normal(size=(9, 11))
+  coeffs[:, 3] = 0
+  whole = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
+  monkeypatch.setattr(solvers, "EIG_CG_CHUNK", 4)  # 11 columns: 3 blocks, one padded
+  blocks = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
+  np.testing.assert_allclose(blocks, whole, rtol=1e-13, atol=1e-15)
+  # Weights ⟨u, v⟩ = uᵀ diag(s) v: plain CG for u = √s ⊙ w (the matrices are diagonal).
+  root = np.sqrt(evals)
+  want = np.stack([reference.cg(np.diag(evals + 0.4), root * coeffs[:, c], 5) / root
+                   for c in range(11)], axis=1)
+  np.testing.assert_allclose(blocks, want, rtol=1e-9, atol=1e-12)
+  assert np.all(np.asarray(blocks)[:, 3] == 0)
