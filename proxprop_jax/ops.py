@@ -178,23 +178,33 @@ class _ConvLayer:
 # Costs in matrix-product FLOPs, measured on a 2-core CPU (benchmarks/RESULTS.md): XLA's
 # products run several times faster than LAPACK's factorisations and triangular solves,
 # and an elementwise CG step is memory bound (per element of the (n, k) iterate).
-_CHOLESKY_COST = 2.0  # × n³
-_EIGH_COST = 16.0  # × n³
-_TRSM_COST = 3.0  # × the FLOPs of a triangular solve
-_CG_STEP_COST = 500.0  # × n·k, the vector updates of one `gram_cg` / `kernel_cg` step
-_EIG_CG_STEP_COST = 200.0  # × n·k, one step of `eig_cg`'s diagonal recurrence
+_CPU_COSTS = dict(
+    cholesky=2.0,  # × n³
+    eigh=16.0,  # × n³
+    trsm=3.0,  # × the FLOPs of a triangular solve
+    cg_step=500.0,  # × n·k, the vector updates of one `gram_cg` / `kernel_cg` step
+    eig_cg_step=200.0,  # × n·k, one step of `eig_cg`'s diagonal recurrence
+)
+# On GPUs/TPUs products are ~100× faster while small factorisations are latency bound
+# (estimates, not measured here): keep eigendecompositions out, factor only for prox_exact.
+_ACCELERATOR_COSTS = dict(cholesky=200.0, eigh=4000.0, trsm=3.0, cg_step=100.0,
+                          eig_cg_step=100.0)
+
+
+def _cost(name: str) -> float:
+  return (_CPU_COSTS if jax.default_backend() == "cpu" else _ACCELERATOR_COSTS)[name]
 
 
 def _inverse_is_cheaper(n: int, k: int) -> bool:
   """Whether applying ``(M + λI)⁻¹`` as an explicit inverse beats two triangular solves."""
-  return 5.0 * n**3 + 2.0 * n * n * k < _TRSM_COST * 2.0 * n * n * k
+  return 5.0 * n**3 + 2.0 * n * n * k < _cost("trsm") * 2.0 * n * n * k
 
 
 def _cg_flops(n: int, k: int, steps: int) -> tuple[float, float]:
   """Costs of ``steps`` CG steps on an ``n × n`` system with ``k`` columns: with the
   formed matrix (a product per step), and in its eigenbasis (``eigh``, two rotations)."""
-  direct = steps * (2.0 * n * n * k + _CG_STEP_COST * n * k)
-  eigen = _EIGH_COST * n**3 + 4.0 * n * n * k + steps * _EIG_CG_STEP_COST * n * k
+  direct = steps * (2.0 * n * n * k + _cost("cg_step") * n * k)
+  eigen = _cost("eigh") * n**3 + 4.0 * n * n * k + steps * _cost("eig_cg_step") * n * k
   return direct, eigen
 
 
@@ -207,8 +217,8 @@ def _cg_in_eigenbasis(n: int, k: int, steps: int) -> bool:
 def _solve_flops(n: int, k: int, mode: Mode | None) -> float:
   """Estimated cost of solving the ``n × n`` system for ``k`` columns in ``mode``."""
   if mode is None or mode.is_exact:
-    return _CHOLESKY_COST * n**3 + min(5.0 * n**3 + 2.0 * n * n * k,
-                                       _TRSM_COST * 2.0 * n * n * k)
+    return _cost("cholesky") * n**3 + min(5.0 * n**3 + 2.0 * n * n * k,
+                                          _cost("trsm") * 2.0 * n * n * k)
   return min(_cg_flops(n, k, mode.cg_steps))
 
 
