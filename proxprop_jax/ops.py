@@ -180,10 +180,10 @@ class _ConvLayer:
 # and an elementwise CG step is memory bound (per element of the (n, k) iterate).
 _CPU_COSTS = dict(
     cholesky=2.0,  # × n³
-    eigh=16.0,  # × n³
+    eigh=20.0,  # × n³
     trsm=3.0,  # × the FLOPs of a triangular solve
     cg_step=500.0,  # × n·k, the vector updates of one `gram_cg` / `kernel_cg` step
-    eig_cg_step=200.0,  # × n·k, one step of `eig_cg`'s diagonal recurrence
+    eig_cg_step=350.0,  # × n·k, one step of `eig_cg`'s diagonal recurrence
 )
 # On GPUs/TPUs products are ~100× faster while small factorisations are latency bound
 # (estimates, not measured here): keep eigendecompositions out, factor only for prox_exact.

@@ -212,7 +212,8 @@ def eig_cg(evals, coeffs, lam, steps: int, weights=None):
   if jax.default_backend() != "cpu" or k < 2 * EIG_CG_CHUNK:
     return run(coeffs)
   # On CPUs the recurrence is memory bound: run it on cache-sized blocks of columns
-  # (the columns are independent CGs), a few times faster than on the whole array.
+  # (the columns are independent CGs). In the paper's MLP step this is ~5 % faster for
+  # prox_cg10 than whole-array passes (benchmarks/RESULTS.md).
   blocks = -(-k // EIG_CG_CHUNK)
   c = jnp.pad(coeffs, ((0, 0), (0, blocks * EIG_CG_CHUNK - k)))  # zero columns stay zero
   c = c.reshape(n, blocks, EIG_CG_CHUNK).transpose(1, 0, 2)
