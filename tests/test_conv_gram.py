@@ -6,7 +6,7 @@
 * every solver path `ops._direction` can take (batch-space CG with ``AAᵀ``,
   parameter-space CG with the formed Gram, CG in an eigenbasis, Cholesky solve,
   explicit inverse in either multiplication order), each forced by the cost
-  model, against float64 NumPy and against matrix-free CG.
+  model, against float64 NumPy and (CG) against matrix-free CG.
 """
 
 import functools
@@ -20,6 +20,7 @@ import pytest
 import proxprop_jax as pp
 from proxprop_jax import conv_gram, ops, solvers
 from tests import reference
+from tests.test_ops import _matrix_free_direction
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -155,12 +156,18 @@ def test_every_solver_path_matches_numpy(monkeypatch, eig, inverse):
       return [jax.vjp(lambda k, b: op(x, k, b, mode=mode, tau_prox=0.5, **kw), k, b)[1](g)
               for mode in modes]
 
+    plain = functools.partial(op, mode="gradient", **kw)
+    matrix_free = jax.jit(lambda x, k, b, g: _matrix_free_direction(plain, x, k, b, g, 2.0, 3))
     for mode, (dk, db) in zip(modes, directions(x, k, b, g)):
       got = np.concatenate([np.asarray(dk).reshape(-1, k_shape[-1]), np.asarray(db)[None]])
       want = reference.direction(a, np.asarray(g).reshape(-1, k_shape[-1]), mode, 2.0)
       err = np.abs(got - want).max() / np.abs(want).max()
       assert err <= 1e-8, (op.__name__, x_shape, mode, err)
       assert np.all(got[:, 0] == 0), (op.__name__, x_shape, mode)
+      if mode == "prox_cg3":  # and against matrix-free CG (v ↦ vjp(jvp(v)) + λv)
+        mk, mb = matrix_free(x, k, b, g)
+        want = np.concatenate([np.asarray(mk).reshape(-1, k_shape[-1]), np.asarray(mb)[None]])
+        assert np.abs(got - want).max() <= 1e-8 * np.abs(want).max(), (op.__name__, x_shape)
 
 
 def test_kernel_cg_is_textbook_cg_in_parameter_space():
