@@ -21,6 +21,7 @@ compile-time constant that XLA constant-folds).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import statistics
@@ -228,3 +229,10 @@ def _jaxlib_version():
     return jaxlib.__version__
   except Exception:  # pragma: no cover
     return "?"
+
+
+def write_json(path: str | None, env: dict, args, rows: list) -> None:
+  """Writes a benchmark's environment, arguments and result rows to ``path`` (if given)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)

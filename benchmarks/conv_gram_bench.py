@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from proxprop_jax import conv_gram

@@ -15,7 +15,6 @@ no data loading).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -86,9 +85,7 @@ def main(argv=None) -> int:
     total = sum(times[k] for k in grid) * PAPER_EPOCHS * scale
     print(f"\nthe paper's grid (SPEC §3: {len(grid)} runs x {PAPER_EPOCHS} epochs of 45 000 "
           f"samples, training steps only): {total / 60:.1f} min on this device")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+  common.write_json(args.json, env, args, rows)
   return 0
 
 

@@ -12,7 +12,6 @@ BackProp are printed as one Markdown table per mode.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from benchmarks import common, step_time
@@ -57,9 +56,7 @@ def main(argv=None) -> int:
         r = table[(batch, width, mode)]
         cells.append(f"{r['median_ms']:.0f}" if mode == "backprop" else f"{r['ratio']:.2f}")
       print(f"| {width} | " + " | ".join(cells) + " |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+  common.write_json(args.json, env, args, rows)
   return 0
 
 

@@ -18,7 +18,6 @@ device and library versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -137,9 +136,7 @@ def main(argv=None) -> int:
     if "peak_bytes_in_use" in stats:
       print(f"\ndevice peak memory of the whole process (all modes loaded): "
             f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+  common.write_json(args.json, env, args, rows)
   return 0
 
 
