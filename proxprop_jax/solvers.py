@@ -55,28 +55,30 @@ def eigh_psd(matrix):
   return evals, evecs, keep
 
 
-def eig_solve(matrix, rhs, lam):
-  """``(M + λI)⁻¹ B`` through the eigendecomposition of ``M`` (robust, slower)."""
-  evals, evecs, keep = eigh_psd(matrix)
-  coeffs = (evecs.T @ rhs) * (keep / (evals + lam))[:, None]
-  return evecs @ coeffs
+def _cholesky_or_eig(matrix, lam, with_factor, with_eigh):
+  """Applies ``(M + λI)⁻¹`` through its Cholesky factor, or its eigendecomposition.
+
+  Runs ``with_factor(L)`` for the Cholesky factor ``L`` of ``M + λI``; where the
+  factorisation breaks down in finite precision (it returns NaN when ``λ`` is below
+  the rounding error of a singular ``M``), runs ``with_eigh(scale, evecs)`` instead,
+  with ``scale = keep / (evals + λ)`` from `eigh_psd`, which drops the numerical
+  null space.
+  """
+  chol = jnp.linalg.cholesky(matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+
+  def eig_branch():
+    evals, evecs, keep = eigh_psd(matrix)
+    return with_eigh(keep / (evals + lam), evecs)
+
+  return lax.cond(jnp.all(jnp.isfinite(chol)), lambda: with_factor(chol), eig_branch)
 
 
 def spd_solve(matrix, rhs, lam):
-  """``(M + λI)⁻¹ B`` for PSD ``M`` (n, n) and ``B`` (n, k).
-
-  A Cholesky solve; where the factorisation breaks down in finite precision (it
-  returns NaN when ``λ`` is below the rounding error of a singular ``M``), the
-  solve falls back to `eig_solve`, which drops the numerical null space.
-  """
-  shifted = matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-  chol = jnp.linalg.cholesky(shifted)
-  ok = jnp.all(jnp.isfinite(chol))
-
-  def cholesky_branch():
-    return jax.scipy.linalg.cho_solve((chol, True), rhs)
-
-  return lax.cond(ok, cholesky_branch, lambda: eig_solve(matrix, rhs, lam))
+  """``(M + λI)⁻¹ B`` for PSD ``M`` (n, n) and ``B`` (n, k): a Cholesky solve, with
+  the eigendecomposition fallback of `_cholesky_or_eig`."""
+  return _cholesky_or_eig(
+      matrix, lam, lambda chol: jax.scipy.linalg.cho_solve((chol, True), rhs),
+      lambda scale, evecs: evecs @ ((evecs.T @ rhs) * scale[:, None]))
 
 
 def spd_inverse(matrix, lam):
@@ -87,20 +89,14 @@ def spd_inverse(matrix, lam):
   faster than `spd_solve`'s two triangular solves with ``k`` right-hand sides
   (triangular solves run well below matrix-product speed on CPUs and GPUs).
   """
-  n = matrix.shape[0]
-  eye = jnp.eye(n, dtype=matrix.dtype)
-  chol = jnp.linalg.cholesky(matrix + lam * eye)
-  ok = jnp.all(jnp.isfinite(chol))
+  eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
 
-  def cholesky_branch():
+  def with_factor(chol):
     inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
     return inv_l.T @ inv_l
 
-  def eig_branch():
-    evals, evecs, keep = eigh_psd(matrix)
-    return (evecs * (keep / (evals + lam))) @ evecs.T
-
-  return lax.cond(ok, cholesky_branch, eig_branch)
+  return _cholesky_or_eig(matrix, lam, with_factor,
+                          lambda scale, evecs: (evecs * scale) @ evecs.T)
 
 
 def gram_cg(matrix, rhs, lam, steps: int):
