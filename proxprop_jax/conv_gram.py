@@ -55,14 +55,9 @@ import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
+from proxprop_jax import geometry
+
 METHODS = ("auto", "patches", "shifts")
-
-
-def output_shape(in_spatial, window, strides, pads, dilation):
-  """Spatial output shape of a convolution with explicit padding."""
-  return tuple(
-      (n + lo + hi - ((k - 1) * d + 1)) // s + 1
-      for n, k, s, (lo, hi), d in zip(in_spatial, window, strides, pads, dilation))
 
 
 def patches(x, window, strides, pads, dilation):
@@ -78,7 +73,7 @@ def patches(x, window, strides, pads, dilation):
     window) of channel ``c``, matching ``kernel.reshape(-1, Cout)``.
   """
   x = lax.pad(x, jnp.array(0, x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
-  out = output_shape(x.shape[1:-1], window, strides, [(0, 0)] * len(window), dilation)
+  out = geometry.conv_output_shape(x.shape[1:-1], window, strides, [(0, 0)] * len(window), dilation)
   taps = []
   for offset in itertools.product(*(range(k) for k in window)):
     start = (0, *(o * d for o, d in zip(offset, dilation)), 0)
@@ -87,14 +82,6 @@ def patches(x, window, strides, pads, dilation):
     taps.append(lax.slice(x, start, limit, (1, *strides, 1)))
   stacked = jnp.stack(taps, axis=-2)  # (N, *out, taps, Cin)
   return stacked.reshape(-1, len(taps) * x.shape[-1])
-
-
-def input_matrix(x, window, strides, pads, dilation, use_bias: bool):
-  """``A(x) = [patches, 1]`` (the ones column only with a bias)."""
-  a = patches(x, window, strides, pads, dilation)
-  if use_bias:
-    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-  return a
 
 
 def _geometry(x_shape, window, strides, pads, dilation):
@@ -107,7 +94,7 @@ def _geometry(x_shape, window, strides, pads, dilation):
           tuple(int(d) for d in dilation))
 
 
-# ------------------------------------------------------------------------ the plan
+# ------------------------------------------------------------ the shift layout
 
 
 def membership(size: int, k: int, s: int, lo: int, d: int, out: int) -> np.ndarray:
@@ -119,19 +106,19 @@ def membership(size: int, k: int, s: int, lo: int, d: int, out: int) -> np.ndarr
   return ((u >= 0) & (u % s == 0) & (u < out * s)).astype(np.int64)
 
 
-class _Group(NamedTuple):
+class _RowGroup(NamedTuple):
   rows: tuple[int, ...]    # outer input positions contracted together (one dim)
   weight: tuple[int, ...]  # their common membership over the k taps (0 outside the shift's taps)
 
 
-class _Plan(NamedTuple):
+class _ShiftLayout(NamedTuple):
   perm: tuple[int, ...]              # spatial dims, reordered so that the inner dim is last
   shifts: tuple[tuple[int, ...], ...]  # outer tap shifts e ≥ 0 (lexicographic)
-  groups: tuple[tuple[tuple[_Group, ...], ...], ...]  # per shift, per outer dim
+  groups: tuple[tuple[tuple[_RowGroup, ...], ...], ...]  # per shift, per outer dim
   flops: float
 
 
-def _dim_groups(w: np.ndarray, size: int, k: int, e: int, d: int) -> tuple[_Group, ...]:
+def _dim_groups(w: np.ndarray, size: int, k: int, e: int, d: int) -> tuple[_RowGroup, ...]:
   """Rows of one outer dim for tap shift ``e``, grouped by their restricted membership."""
   taps = np.zeros(k, bool)
   taps[max(0, -e):min(k, k - e)] = True
@@ -141,15 +128,15 @@ def _dim_groups(w: np.ndarray, size: int, k: int, e: int, d: int) -> tuple[_Grou
     key = tuple(int(a) for a in w[:, v] * taps)
     if any(key):
       groups.setdefault(key, []).append(v)
-  return tuple(_Group(tuple(rows), key) for key, rows in groups.items())
+  return tuple(_RowGroup(tuple(rows), key) for key, rows in groups.items())
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(x_shape, window, strides, pads, dilation) -> _Plan | None:
-  """The cheapest shift plan over the choices of inner dim (None for 0-d convs)."""
+def _shift_layout(x_shape, window, strides, pads, dilation) -> _ShiftLayout | None:
+  """The cheapest shift layout over the choices of inner dim (None for 0-d convs)."""
   n_batch, *spatial, c = x_shape
   dims = len(window)
-  out = output_shape(spatial, window, strides, pads, dilation)
+  out = geometry.conv_output_shape(spatial, window, strides, pads, dilation)
   ws = [membership(spatial[i], window[i], strides[i], pads[i][0], dilation[i], out[i])
         for i in range(dims)]
   best = None
@@ -164,14 +151,14 @@ def _plan(x_shape, window, strides, pads, dilation) -> _Plan | None:
       per_dim = tuple(_dim_groups(ws[i], spatial[i], window[i], ei, dilation[i])
                       for i, ei in zip(outer, e))
       groups.append(per_dim)
-      count = math.prod(sum(len(g.rows) for g in gs) for gs in per_dim)
-      ngroups = math.prod(len(gs) for gs in per_dim)
+      count = math.prod(sum(len(rg.rows) for rg in rgs) for rgs in per_dim)
+      ngroups = math.prod(len(rgs) for rgs in per_dim)
       # the products, then weighting and diagonal read-out (small)
       flops += 2.0 * n_batch * count * f * f + 2.0 * ngroups * f * f * math.prod(
           window[i] for i in outer)
     flops += 2.0 * len(shifts) * math.prod(window) * window[inner] * f * f
     if best is None or flops < best.flops:
-      best = _Plan(perm, shifts, tuple(groups), flops)
+      best = _ShiftLayout(perm, shifts, tuple(groups), flops)
   return best
 
 
@@ -179,13 +166,13 @@ def gram_flops(x_shape, window, strides, pads, dilation, use_bias: bool,
                method: str = "auto") -> float:
   """Estimated FLOPs of `gram` with ``method`` (``"auto"``: the cheaper one)."""
   geo = _geometry(x_shape, window, strides, pads, dilation)
-  out = output_shape(geo[0][1:-1], *geo[1:])
+  out = geometry.conv_output_shape(geo[0][1:-1], *geo[1:])
   rows = geo[0][0] * math.prod(out)
   p = math.prod(window) * geo[0][-1] + use_bias
   patch_flops = 2.0 * rows * p * p
   if method == "patches":
     return patch_flops
-  shift_flops = _plan(*geo).flops
+  shift_flops = _shift_layout(*geo).flops
   if method == "shifts":
     return shift_flops
   if method != "auto":
@@ -213,30 +200,32 @@ def gram(x, window, strides, pads, dilation, use_bias: bool, *, method: str = "a
     method = ("shifts" if gram_flops(*geo, use_bias, "shifts")
               < gram_flops(*geo, use_bias, "patches") else "patches")
   if method == "patches":
-    a = input_matrix(x, *geo[1:], use_bias)
+    a = patches(x, *geo[1:])
+    if use_bias:
+      a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
     return lax.dot_general(a, a, (((0,), (0,)), ((), ())), precision=precision)
   if method != "shifts":
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
-  g = _gram_shifts(x, geo, precision)
+  ata = _gram_shifts(x, geo, precision)
   if not use_bias:
-    return g
-  col = _bias_column(x, geo)
-  rows = x.shape[0] * math.prod(output_shape(geo[0][1:-1], *geo[1:]))
-  corner = jnp.full((1, 1), rows, g.dtype)
-  return jnp.concatenate([jnp.concatenate([g, col[:, None]], axis=1),
+    return ata
+  col = _bias_column(x, geo, precision)
+  rows = x.shape[0] * math.prod(geometry.conv_output_shape(geo[0][1:-1], *geo[1:]))
+  corner = jnp.full((1, 1), rows, ata.dtype)
+  return jnp.concatenate([jnp.concatenate([ata, col[:, None]], axis=1),
                           jnp.concatenate([col[None, :], corner], axis=1)], axis=0)
 
 
-def _bias_column(x, geo):
+def _bias_column(x, geo, precision):
   """``Aᵀ1`` without the corner: ``Σᵥ Wₜ(v) Σₙ x[n, v, c]`` in tap-major order."""
   x_shape, window, strides, pads, dilation = geo
   spatial = x_shape[1:-1]
-  out = output_shape(spatial, window, strides, pads, dilation)
+  out = geometry.conv_output_shape(spatial, window, strides, pads, dilation)
   s = jnp.sum(x, axis=0)  # (*spatial, C)
   for i in range(len(window)):  # contract dim i with its membership, taps go last
     w = jnp.asarray(membership(spatial[i], window[i], strides[i], pads[i][0], dilation[i],
                                out[i]), x.dtype)
-    s = jnp.tensordot(s, w, axes=[[0], [1]])  # (... rest, C, taps so far) → moves axis
+    s = jnp.tensordot(s, w, axes=[[0], [1]], precision=precision)  # (... rest, C, taps so far) → moves axis
   # s is now (C, k_0, ..., k_{D-1}); tap-major, channel-minor:
   return jnp.moveaxis(s, 0, -1).reshape(-1)
 
@@ -257,11 +246,11 @@ def _take(a, rows, axis):
 def _gram_shifts(x, geo, precision):
   """``AᵀA`` (no bias) by the shift method; see the module docstring."""
   x_shape, window, strides, pads, dilation = geo
-  plan = _plan(*geo)
-  perm = plan.perm
+  layout = _shift_layout(*geo)
+  perm = layout.perm
   outer, inner = perm[:-1], perm[-1]
   n_batch, *spatial, c = x_shape
-  out = output_shape(spatial, window, strides, pads, dilation)
+  out = geometry.conv_output_shape(spatial, window, strides, pads, dilation)
   s_in, k_in, d_in = spatial[inner], window[inner], dilation[inner]
   f = s_in * c
   k_outer = tuple(window[i] for i in outer)
@@ -282,18 +271,18 @@ def _gram_shifts(x, geo, precision):
   z = jnp.asarray(z, x.dtype)
 
   blocks = []
-  for e, per_dim in zip(plan.shifts, plan.groups):
+  for e, per_dim in zip(layout.shifts, layout.groups):
     products, weights = [], []
     for combo in itertools.product(*per_dim):
       lhs, rhs = xt, xt
-      for axis, (g, ei, i) in enumerate(zip(combo, e, outer)):
-        lhs = _take(lhs, g.rows, axis)
-        rhs = _take(rhs, [r + ei * dilation[i] for r in g.rows], axis)
+      for axis, (rg, ei, i) in enumerate(zip(combo, e, outer)):
+        lhs = _take(lhs, rg.rows, axis)
+        rhs = _take(rhs, [r + ei * dilation[i] for r in rg.rows], axis)
       lhs, rhs = lhs.reshape(-1, f), rhs.reshape(-1, f)
       products.append(lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), precision=precision))
       weight = np.ones((), np.int64)
-      for g in combo:
-        weight = np.multiply.outer(weight, np.asarray(g.weight))
+      for rg in combo:
+        weight = np.multiply.outer(weight, np.asarray(rg.weight))
       weights.append(weight.reshape(-1))
     if products:
       m = jnp.stack(products)  # (groups, f, f)
@@ -308,7 +297,7 @@ def _gram_shifts(x, geo, precision):
 
   # Assemble the outer tap pairs: direct blocks for e = to' − to in the computed
   # half, transposed blocks (of −e, read at to') for the other half.
-  shift_index = {e: i for i, e in enumerate(plan.shifts)}
+  shift_index = {e: i for i, e in enumerate(layout.shifts)}
   taps = list(itertools.product(*(range(k) for k in k_outer)))
   e_idx = np.zeros((t_outer, t_outer), np.int64)
   src = np.zeros((t_outer, t_outer), np.int64)
@@ -323,13 +312,13 @@ def _gram_shifts(x, geo, precision):
   picked = blk[e_idx, src]  # (to, to', k_in, c, k_in, c)
   picked = jnp.where(jnp.asarray(flip)[:, :, None, None, None, None],
                      jnp.transpose(picked, (0, 1, 4, 5, 2, 3)), picked)
-  g = jnp.transpose(picked, (0, 2, 3, 1, 4, 5))  # (to, t_in, c, to', t_in', c)
+  ata = jnp.transpose(picked, (0, 2, 3, 1, 4, 5))  # (to, t_in, c, to', t_in', c)
   # Back to the kernel's tap order (row-major over the original spatial dims).
   k_perm = (*k_outer, k_in)
-  g = g.reshape(*k_perm, c, *k_perm, c)
+  ata = ata.reshape(*k_perm, c, *k_perm, c)
   dims = len(window)
   inv = np.argsort(perm)
   order = (*inv, dims, *(dims + 1 + j for j in inv), 2 * dims + 1)
-  g = jnp.transpose(g, order)
+  ata = jnp.transpose(ata, order)
   p = math.prod(window) * c
-  return g.reshape(p, p)
+  return ata.reshape(p, p)

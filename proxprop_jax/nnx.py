@@ -2,9 +2,14 @@
 
 `Linear` and `Conv` subclass ``nnx.Linear`` and ``nnx.Conv``: same arguments,
 parameters (``kernel``, ``bias``), shapes and initialisers, plus ``mode``,
-``tau_prox`` and ``axis_name``. A model swaps the flax layer for these and nothing
-else changes. `prox_module` does the same for any NNX module that is linear in
-its parameters, through the matrix-free `proxprop_jax.proximal`.
+``tau_prox``, ``axis_name`` and ``solve_precision``. A model swaps the flax layer
+for these and nothing else changes. `prox_module` does the same for any NNX
+module that is linear in its parameters, through the matrix-free
+`proxprop_jax.proximal`.
+
+``tau_prox`` is stored as a `TauProx` variable: state of the model (checkpointed
+with it, not trained by ``nnx.Optimizer(..., wrt=nnx.Param)``), so changing it
+between steps does not retrace a jitted step.
 """
 
 from __future__ import annotations
@@ -14,12 +19,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from proxprop_jax import _flax_conv, ops
-from proxprop_jax.modes import check_tau, parse_mode
+from proxprop_jax import flax_common, ops
+from proxprop_jax.flax_common import ProxLayer
+from proxprop_jax.modes import check_tau
 
 
-def _prox_kwargs(module) -> dict:
-  return dict(mode=module.mode, tau_prox=module.tau_prox, axis_name=module.axis_name)
+class TauProx(nnx.Variable):
+  """The proximal step size ``τ`` of a ProxProp layer: a non-trainable scalar."""
+
+
+def init_prox(module, mode, tau_prox, axis_name, solve_precision) -> None:
+  """Sets a ProxProp NNX layer's ``mode``, ``tau_prox``, ``axis_name``, ``solve_precision``."""
+  settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision)
+  module.mode = settings.mode
+  module.tau_prox = TauProx(jnp.asarray(settings.tau_prox))
+  module.axis_name = settings.axis_name
+  module.solve_precision = settings.solve_precision
+
+
+def prox_kwargs(module) -> dict:
+  """The keyword arguments of `ops.dense`/`ops.conv` for a ProxProp NNX layer."""
+  return dict(mode=module.mode, tau_prox=module.tau_prox[...], axis_name=module.axis_name,
+              solve_precision=module.solve_precision)
+
+
+def set_tau_value(module, tau_prox) -> None:
+  """Sets one layer's ``τ`` (validated), keeping its variable: no retrace under ``nnx.jit``."""
+  module.tau_prox[...] = jnp.asarray(check_tau(tau_prox), module.tau_prox[...].dtype)
 
 
 def _check_out_sharding(cls_name: str, out_sharding) -> None:
@@ -28,7 +54,7 @@ def _check_out_sharding(cls_name: str, out_sharding) -> None:
                      f"propagate it (see the README's 'Several devices').")
 
 
-class Linear(nnx.Linear):
+class Linear(ProxLayer, nnx.Linear):
   """``nnx.Linear`` whose parameter cotangent is the ProxProp direction.
 
   Args:
@@ -36,13 +62,12 @@ class Linear(nnx.Linear):
     mode: ``"gradient"``, ``"prox_exact"`` or ``"prox_cgN"``.
     tau_prox: the proximal step size ``τ > 0``.
     axis_name: the ``pmap``/``shard_map`` batch axis, or None.
+    solve_precision: the precision of the products that compute the direction.
   """
 
   def __init__(self, in_features: int, out_features: int, *, mode="prox_cg1", tau_prox=1.0,
-               axis_name=None, **kwargs):
-    self.mode = parse_mode(mode).name
-    self.tau_prox = check_tau(tau_prox)
-    self.axis_name = axis_name
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision)
     super().__init__(in_features, out_features, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
@@ -50,34 +75,33 @@ class Linear(nnx.Linear):
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return ops.dense(inputs, kernel, bias, precision=self.precision, **_prox_kwargs(self))
+    return ops.dense(inputs, kernel, bias, precision=self.precision, **prox_kwargs(self))
 
 
-class Conv(nnx.Conv):
+class Conv(ProxLayer, nnx.Conv):
   """``nnx.Conv`` whose parameter cotangent is the ProxProp direction.
 
-  Supports 1-3 spatial dims, strides, all of flax's paddings and kernel dilation;
-  ``input_dilation``, ``feature_group_count`` and ``mask`` raise (use
-  `prox_module`). Extra arguments as `Linear`.
+  Supports 1-3 spatial dims, strides, all of flax's paddings, kernel dilation and
+  ``feature_group_count`` (one block-diagonal system per group);
+  ``input_dilation`` and ``mask`` raise (use `prox_module`). Extra arguments as
+  `Linear`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
-               mode="prox_cg1", tau_prox=1.0, axis_name=None, **kwargs):
-    self.mode = parse_mode(mode).name
-    self.tau_prox = check_tau(tau_prox)
-    self.axis_name = axis_name
+               mode="prox_cg1", tau_prox=1.0, axis_name=None,
+               solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision)
     super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
-    _flax_conv.check_supported("pp.Conv", self.input_dilation, self.feature_group_count,
-                               self.mask)
+    flax_common.check_conv_options("pp.Conv", self.input_dilation, self.mask)
 
   def __call__(self, inputs, out_sharding=None):
     _check_out_sharding("pp.Conv", out_sharding)
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return _flax_conv.conv(inputs, kernel, bias, self.kernel_size, self.strides, self.padding,
-                           self.kernel_dilation, precision=self.precision,
-                           **_prox_kwargs(self))
+    return flax_common.conv(inputs, kernel, bias, self.kernel_size, self.strides,
+                            self.padding, self.kernel_dilation, self.feature_group_count,
+                            precision=self.precision, **prox_kwargs(self))
 
 
 def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
@@ -96,12 +120,11 @@ def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
     layer = ProxConvTranspose(8, 4, (3, 3), mode="prox_cg3", rngs=nnx.Rngs(0))
   """
 
-  class ProxModule(cls):
+  class ProxModule(ProxLayer, cls):
 
-    def __init__(self, *args, mode="prox_cg1", tau_prox=1.0, axis_name=None, **kwargs):
-      self.mode = parse_mode(mode).name
-      self.tau_prox = check_tau(tau_prox)
-      self.axis_name = axis_name
+    def __init__(self, *args, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+                 solve_precision=ops.SOLVE_PRECISION, **kwargs):
+      init_prox(self, mode, tau_prox, axis_name, solve_precision)
       super().__init__(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -111,7 +134,7 @@ def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
         args, rest = inputs
         return cls.__call__(nnx.merge(graphdef, params, rest), *args, **kwargs)
 
-      return ops.proximal(apply, **_prox_kwargs(self))(params, (args, rest))
+      return ops.proximal(apply, **prox_kwargs(self))(params, (args, rest))
 
   ProxModule.__name__ = ProxModule.__qualname__ = f"Prox{cls.__name__}"
   ProxModule.__doc__ = f"{cls.__name__} with a ProxProp backward pass (see `prox_module`)."

@@ -38,6 +38,9 @@ from flax import nnx
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from proxprop_jax import spmd
+from proxprop_jax.flax_common import ProxLayer
+
 #: The environment variables `initialize_distributed` reads when an argument is None.
 DISTRIBUTED_ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -194,23 +197,17 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # ----------------------------------------------------------------- checking layers
 
 
-def _axis_set(axis_name) -> frozenset:
-  if axis_name is None:
-    return frozenset()
-  return frozenset(axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,))
-
-
 def _check_layers(tree, axis_name) -> None:
   """Raises if a ProxProp layer's ``axis_name`` does not fit the step's style.
 
   Under ``pmap``/``shard_map`` a ProxProp layer without the axis would return its
   shard's direction instead of the global one: a silent wrong result.
   """
-  want = _axis_set(axis_name)
+  want = spmd.axis_names(axis_name)
   for path, node in nnx.iter_graph(tree):
-    if not {"mode", "tau_prox", "axis_name"} <= getattr(node, "__dict__", {}).keys():
+    if not isinstance(node, ProxLayer):
       continue
-    have = _axis_set(node.axis_name)
+    have = spmd.axis_names(node.axis_name)
     # A gradient-mode layer without the axis is a plain layer: the pmean fixes it.
     if have == want or (want and not have and node.mode == "gradient"):
       continue

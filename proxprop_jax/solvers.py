@@ -1,19 +1,25 @@
 """Solvers for the damped normal equations ``(M + λI) X = B`` of ProxProp.
 
-``M`` is a small symmetric positive semi-definite matrix: either the Gram matrix
-``AᵀA`` (parameter space) or the kernel matrix ``AAᵀ`` (batch space). Three
-solvers:
+``M`` is a small symmetric positive semi-definite matrix: the Gram matrix ``AᵀA``
+(parameter space) or the row Gram ``AAᵀ`` (batch space). Every solver takes
+leading block dimensions: ``M`` of shape ``(..., n, n)`` and ``B`` of shape
+``(..., n, k)`` hold independent systems (one per group of a grouped convolution,
+per feature of a norm layer's affine parameters, …). ``precision`` is the
+``lax.Precision`` of every matrix product.
 
 * `spd_solve`: Cholesky, with an eigendecomposition fallback when Cholesky breaks
   down (``λ`` tiny against a nearly singular ``M``, e.g. ``τ = 1e6``);
-* `spd_inverse`: the same factorisation, as an explicit inverse (for many right-hand
-  sides, where triangular solves are slow);
+* `spd_inverse`: the same factorisation, as an explicit inverse (for many
+  right-hand sides, where triangular solves are slow);
 * `gram_cg`: textbook CG with the formed ``M`` (one small product per step);
-* `kernel_cg`: textbook CG on ``(AᵀA + λI) D = Aᵀg`` in batch space, given ``AAᵀ``;
+* `row_gram_cg`: textbook CG on ``(AᵀA + λI) D = Aᵀg`` in batch space, given ``AAᵀ``;
 * `eig_cg`: textbook CG iterates computed in the eigenbasis of ``M``, where every
   iterate is a diagonal recurrence (exact CG at the cost of one ``eigh``);
 * `cg`: a matrix-free textbook CG over pytrees (``lax.fori_loop``, so it also runs
   under ``shard_map``), the generic path.
+
+Every CG is one independent CG per column of ``B`` from ``X = 0``; a column whose
+residual is exactly zero stays put (no 0/0: a dead unit's zero column).
 """
 
 from __future__ import annotations
@@ -31,10 +37,29 @@ def solve_dtype(*dtypes) -> jnp.dtype:
   return widest if widest.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def matmul(a, b, precision=None):
+  """``a @ b`` (with leading block dims) at the given precision."""
+  return jnp.matmul(a, b, precision=precision)
+
+
+def transpose(m):
+  """The transpose of the last two axes."""
+  return jnp.swapaxes(m, -1, -2)
+
+
+def _column_dot(u, v):
+  """``⟨u[..., :, j], v[..., :, j]⟩`` for every column ``j``: shape ``(..., 1, k)``."""
+  return jnp.sum(u * v, axis=-2, keepdims=True)
+
+
 def _safe_divide(num, den):
   """``num / den`` where ``den != 0``, else 0: a converged CG column stays put."""
   nonzero = den != 0
   return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def _eye_like(matrix):
+  return jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
 
 
 def eigh_psd(matrix):
@@ -50,9 +75,15 @@ def eigh_psd(matrix):
   """
   evals, evecs = jnp.linalg.eigh(matrix)
   evals = jnp.maximum(evals, 0)
-  tol = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(evals)
+  tol = matrix.shape[-1] * jnp.finfo(matrix.dtype).eps * jnp.max(evals, -1, keepdims=True)
   keep = (evals > tol).astype(matrix.dtype)
   return evals, evecs, keep
+
+
+def cholesky_failed(matrix, lam):
+  """Whether the Cholesky factorisation of ``M + λI`` breaks down (then `spd_solve` and
+  `spd_inverse` take their eigendecomposition fallback)."""
+  return ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(matrix + lam * _eye_like(matrix))))
 
 
 def _cholesky_or_eig(matrix, lam, with_factor, with_eigh):
@@ -64,7 +95,7 @@ def _cholesky_or_eig(matrix, lam, with_factor, with_eigh):
   with ``scale = keep / (evals + λ)`` from `eigh_psd`, which drops the numerical
   null space.
   """
-  chol = jnp.linalg.cholesky(matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+  chol = jnp.linalg.cholesky(matrix + lam * _eye_like(matrix))
 
   def eig_branch():
     evals, evecs, keep = eigh_psd(matrix)
@@ -73,63 +104,70 @@ def _cholesky_or_eig(matrix, lam, with_factor, with_eigh):
   return lax.cond(jnp.all(jnp.isfinite(chol)), lambda: with_factor(chol), eig_branch)
 
 
-def spd_solve(matrix, rhs, lam):
-  """``(M + λI)⁻¹ B`` for PSD ``M`` (n, n) and ``B`` (n, k): a Cholesky solve, with
-  the eigendecomposition fallback of `_cholesky_or_eig`."""
-  return _cholesky_or_eig(
-      matrix, lam, lambda chol: jax.scipy.linalg.cho_solve((chol, True), rhs),
-      lambda scale, evecs: evecs @ ((evecs.T @ rhs) * scale[:, None]))
+def spd_solve(matrix, rhs, lam, precision=None):
+  """``(M + λI)⁻¹ B`` for PSD ``M`` (..., n, n) and ``B`` (..., n, k): a Cholesky solve,
+  with the eigendecomposition fallback of `_cholesky_or_eig`."""
+
+  def with_factor(chol):
+    y = lax.linalg.triangular_solve(chol, rhs, left_side=True, lower=True)
+    return lax.linalg.triangular_solve(chol, y, left_side=True, lower=True, transpose_a=True)
+
+  def with_eigh(scale, evecs):
+    return matmul(evecs, matmul(transpose(evecs), rhs, precision) * scale[..., None], precision)
+
+  return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
 
 
-def spd_inverse(matrix, lam):
-  """``(M + λI)⁻¹`` for PSD ``M`` (n, n), with `spd_solve`'s eigendecomposition fallback.
+def spd_inverse(matrix, lam, precision=None):
+  """``(M + λI)⁻¹`` for PSD ``M`` (..., n, n), with `spd_solve`'s eigendecomposition fallback.
 
   ``L⁻ᵀ L⁻¹`` from the Cholesky factor ``L``: one triangular solve with ``n``
   right-hand sides and one matrix product. Applying it to ``k ≳ 1.5 n`` columns is
   faster than `spd_solve`'s two triangular solves with ``k`` right-hand sides
   (triangular solves run well below matrix-product speed on CPUs and GPUs).
   """
-  eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
 
   def with_factor(chol):
+    eye = jnp.broadcast_to(_eye_like(matrix), matrix.shape)
     inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-    return inv_l.T @ inv_l
+    return matmul(transpose(inv_l), inv_l, precision)
 
-  return _cholesky_or_eig(matrix, lam, with_factor,
-                          lambda scale, evecs: (evecs * scale) @ evecs.T)
+  def with_eigh(scale, evecs):
+    return matmul(evecs * scale[..., None, :], transpose(evecs), precision)
+
+  return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
 
 
-def gram_cg(matrix, rhs, lam, steps: int):
+def gram_cg(matrix, rhs, lam, steps: int, precision=None):
   """``steps`` textbook CG iterations per column on ``(M + λI) X = B`` from ``X = 0``.
 
-  ``M`` (n, n) is formed (e.g. the Gram ``AᵀA`` of a convolution), so each iteration
-  is one ``(n, n) @ (n, k)`` product: for ``N`` steps ``2·N·n²·k`` FLOPs, much less
-  than an eigendecomposition when ``N·k ≪ n``. One independent CG per column of
-  ``B``; a column whose residual is exactly zero stays put (no 0/0).
+  ``M`` (..., n, n) is formed (e.g. the Gram ``AᵀA`` of a convolution), so each
+  iteration is one ``(n, n) @ (n, k)`` product: for ``N`` steps ``2·N·n²·k`` FLOPs,
+  much less than an eigendecomposition when ``N·k ≪ n``.
   """
 
   def matvec(p):
-    return matrix @ p + lam * p
+    return matmul(matrix, p, precision) + lam * p
 
   def step(_, carry):
     x, r, p, rr = carry
     ap = matvec(p)
-    alpha = _safe_divide(rr, jnp.sum(p * ap, axis=0))
+    alpha = _safe_divide(rr, _column_dot(p, ap))
     x, r = x + alpha * p, r - alpha * ap
-    rr_new = jnp.sum(r * r, axis=0)
+    rr_new = _column_dot(r, r)
     p = r + _safe_divide(rr_new, rr) * p
     return x, r, p, rr_new
 
-  rr = jnp.sum(rhs * rhs, axis=0)
-  x, _, p, rr = lax.fori_loop(0, steps - 1, step, (jnp.zeros_like(rhs), rhs, rhs, rr))
-  return x + _safe_divide(rr, jnp.sum(p * matvec(p), axis=0)) * p  # the last step: no new residual
+  init = (jnp.zeros_like(rhs), rhs, rhs, _column_dot(rhs, rhs))
+  x, _, p, rr = lax.fori_loop(0, steps - 1, step, init)
+  return x + _safe_divide(rr, _column_dot(p, matvec(p))) * p  # the last step: no new residual
 
 
-def kernel_cg(kernel, g, lam, steps: int):
+def row_gram_cg(row_gram, g, lam, steps: int, precision=None):
   """Batch-space textbook CG: ``Y`` with ``D = Aᵀ Y`` the ``N``-step CG iterate.
 
   Runs CG on ``(AᵀA + λI) D = Aᵀ g`` (one CG per column, from ``D = 0``) given only
-  the kernel matrix ``K = A Aᵀ`` (rows, rows): every iterate, residual and search
+  the row Gram ``K = A Aᵀ`` (..., rows, rows): every iterate, residual and search
   direction lies in the range of ``Aᵀ`` (``D = AᵀY``, ``r = Aᵀρ``, ``p = Aᵀπ``), with
 
   * ``⟨r, r⟩ = ρᵀKρ`` and ``⟨p, (AᵀA + λI) p⟩ = ‖Kπ‖² + λ πᵀKπ``;
@@ -137,33 +175,32 @@ def kernel_cg(kernel, g, lam, steps: int):
   * ``Kπ ← Kρ + β Kπ``, so each iteration needs one product ``Kρ``.
 
   ``N`` steps cost ``N`` products ``(rows, rows) @ (rows, k)`` and no
-  factorisation; exact textbook CG in exact arithmetic. A column whose residual is
-  exactly zero stays put.
+  factorisation; exact textbook CG in exact arithmetic.
   """
-  k_g = kernel @ g
+
+  def alpha(rr, pi, k_pi):
+    return _safe_divide(rr, _column_dot(k_pi, k_pi) + lam * _column_dot(pi, k_pi))
 
   def step(_, carry):
     y, rho, pi, k_pi, rr = carry
-    alpha = _safe_divide(rr, jnp.sum(k_pi * k_pi, axis=0) + lam * jnp.sum(pi * k_pi, axis=0))
-    y = y + alpha * pi
-    rho = rho - alpha * (k_pi + lam * pi)
-    k_rho = kernel @ rho
-    rr_new = jnp.sum(rho * k_rho, axis=0)
+    a = alpha(rr, pi, k_pi)
+    y, rho = y + a * pi, rho - a * (k_pi + lam * pi)
+    k_rho = matmul(row_gram, rho, precision)
+    rr_new = _column_dot(rho, k_rho)
     beta = _safe_divide(rr_new, rr)
     return y, rho, rho + beta * pi, k_rho + beta * k_pi, rr_new
 
-  rr = jnp.sum(g * k_g, axis=0)
-  init = (jnp.zeros_like(g), g, g, k_g, rr)
+  k_g = matmul(row_gram, g, precision)
+  init = (jnp.zeros_like(g), g, g, k_g, _column_dot(g, k_g))
   y, _, pi, k_pi, rr = lax.fori_loop(0, steps - 1, step, init)
-  alpha = _safe_divide(rr, jnp.sum(k_pi * k_pi, axis=0) + lam * jnp.sum(pi * k_pi, axis=0))
-  return y + alpha * pi
+  return y + alpha(rr, pi, k_pi) * pi
 
 
-#: `eig_cg` runs its recurrence on blocks of this many columns on CPUs.
+#: On CPUs `eig_cg` runs its recurrence on blocks of this many columns.
 EIG_CG_CHUNK = 64
 
 
-def eig_cg(evals, coeffs, lam, steps: int, weights=None):
+def eig_cg(evals, coeffs, lam, steps: int, weights=None, chunk: int | None = None):
   """``steps`` textbook CG iterations per column, in an eigenbasis.
 
   Solves ``diag(s + λ) w = c`` column by column from ``w = 0`` with inner products
@@ -172,48 +209,50 @@ def eig_cg(evals, coeffs, lam, steps: int, weights=None):
 
   * parameter space, ``AᵀA = V diag(s) Vᵀ``: ``c = Vᵀ Aᵀ g``, ``m = 1``, ``D = V w``;
   * batch space, ``AAᵀ = U diag(s) Uᵀ``: ``c = Uᵀ g``, ``m = s``, ``D = Aᵀ U w``,
-    because ``⟨AᵀU u, AᵀU v⟩ = uᵀ diag(s) v`` and ``(AᵀA + λI) AᵀU = AᵀU diag(s + λ)``.
-
-  A column whose residual is exactly zero stays put (no 0/0).
+    because ``⟨AᵀU u, AᵀU v⟩ = uᵀ diag(s) v`` and ``(AᵀA + λI) AᵀU = AᵀU diag(s + λ)``;
+  * a diagonal ``AᵀA = diag(s)`` (an embedding's token counts): ``V = I``.
 
   Args:
-    evals: ``s``, shape (n,).
-    coeffs: ``c``, shape (n, k): one right-hand side per column.
+    evals: ``s``, shape (..., n).
+    coeffs: ``c``, shape (..., n, k): one right-hand side per column.
     lam: ``λ > 0``.
     steps: the number of CG iterations ``N ≥ 1``.
-    weights: ``m``, shape (n,), or None for 1.
+    weights: ``m``, shape (..., n), or None for 1.
+    chunk: run the columns in blocks of this many (a 2-d ``coeffs`` only); None:
+      `EIG_CG_CHUNK` on CPUs, whole arrays elsewhere.
 
   Returns:
-    ``w``, shape (n, k).
+    ``w``, shape (..., n, k).
   """
-  diag = (evals + lam)[:, None]
-  m = jnp.ones_like(evals)[:, None] if weights is None else weights[:, None]
+  diag = (evals + lam)[..., None]
+  m = jnp.ones_like(diag) if weights is None else weights[..., None]
 
   def step(_, carry):
     r, p, rr = carry
     ap = diag * p
-    alpha = _safe_divide(rr, jnp.sum(m * p * ap, axis=0))
+    alpha = _safe_divide(rr, _column_dot(m * p, ap))
     r = r - alpha * ap
-    rr_new = jnp.sum(m * r * r, axis=0)
+    rr_new = _column_dot(m * r, r)
     p = r + _safe_divide(rr_new, rr) * p
     return r, p, rr_new
 
   def run(c):
     # The iterate is not carried: the system is diagonal, so w = (c − r) / (s + λ)
     # (the residual's definition), which saves two of the five array passes per step.
-    r = lax.fori_loop(0, steps, step, (c, c, jnp.sum(m * c * c, axis=0)))[0]
+    r = lax.fori_loop(0, steps, step, (c, c, _column_dot(m * c, c)))[0]
     return (c - r) / diag
 
-  n, k = coeffs.shape
-  if jax.default_backend() != "cpu" or k < 2 * EIG_CG_CHUNK:
+  if chunk is None:
+    chunk = EIG_CG_CHUNK if jax.default_backend() == "cpu" else coeffs.shape[-1]
+  n, k = coeffs.shape[-2:]
+  if coeffs.ndim != 2 or k < 2 * chunk:
     return run(coeffs)
   # On CPUs the recurrence is memory bound: run it on cache-sized blocks of columns
-  # (the columns are independent CGs). In the paper's MLP step this is ~5 % faster for
-  # prox_cg10 than whole-array passes (benchmarks/RESULTS.md).
-  blocks = -(-k // EIG_CG_CHUNK)
-  c = jnp.pad(coeffs, ((0, 0), (0, blocks * EIG_CG_CHUNK - k)))  # zero columns stay zero
-  c = c.reshape(n, blocks, EIG_CG_CHUNK).transpose(1, 0, 2)
-  w = lax.map(run, c).transpose(1, 0, 2).reshape(n, blocks * EIG_CG_CHUNK)
+  # (the columns are independent CGs); ~5 % faster for the paper MLP's prox_cg10 step.
+  blocks = -(-k // chunk)
+  c = jnp.pad(coeffs, ((0, 0), (0, blocks * chunk - k)))  # zero columns stay zero
+  c = c.reshape(n, blocks, chunk).transpose(1, 0, 2)
+  w = lax.map(run, c).transpose(1, 0, 2).reshape(n, blocks * chunk)
   return w[:, :k]
 
 

@@ -10,9 +10,10 @@ devices and compares it with a reference copy stepped by ``nnx.jit`` on one devi
 concatenated batch (layers with ``axis_name=None``). It records the largest relative
 differences of the parameters, of each layer's update ``θ⁺ − θ`` (all of its parameters
 together: a stricter test, since the update is small against the parameters), and of the
-loss, plus the shapes of the square matrices handed to `proxprop_jax.solvers`: ``(16, 16)``
-for the MLP's dense layers means the batch-space system of the *global* batch (16 rows, not
-the 2 rows of one device); the ConvNet's ``(p, p)`` Grams mean parameter space.
+loss, plus the systems the layers' plans solve (`proxprop_jax.planner.recording`):
+``("batch", 16)`` for the MLP's dense layers means the batch-space system of the *global*
+batch (16 rows, not the 2 rows of one device); the ConvNet's ``("parameter", p)`` Grams mean
+parameter space.
 
 This module imports nothing heavy at the top, so the test can read `plan` without JAX.
 """
@@ -169,25 +170,21 @@ def run(cases):
   from jax import lax
   from jax.sharding import AxisType, PartitionSpec as P
 
-  from proxprop_jax import parallel, solvers
+  import proxprop_jax as pp
+  from proxprop_jax import parallel
 
   assert jax.device_count() == DEVICES, jax.devices()
   builders = _models()
 
-  # Records the shape of every square matrix handed to a function of `solvers` (at trace
-  # time), whichever solver the layer picks: the size of the system it solves.
-  factored = []
-
-  def spy(fn):
-    def wrapped(*args, **kwargs):
-      if args and getattr(args[0], "ndim", None) == 2 and args[0].shape[0] == args[0].shape[1]:
-        factored.append(tuple(args[0].shape))
-      return fn(*args, **kwargs)
-    return wrapped
-
-  for name, fn in list(vars(solvers).items()):
-    if callable(fn) and getattr(fn, "__module__", None) == solvers.__name__:
-      setattr(solvers, name, spy(fn))
+  def run_and_record(step, *args):
+    """Runs a fresh step once; returns its loss and the systems its ProxProp layers solve
+    (recorded while the step traces): ``[system, size]`` with the size of the solved
+    matrix (rows for batch space, parameters otherwise)."""
+    with pp.planner.recording() as plans:
+      loss = float(step(*args))
+    return loss, sorted({(plan.system, problem.rows if plan.system == "batch" else
+                          problem.params) for problem, plan in plans
+                         if plan.system != "gradient"})
 
   def build(name, mode, axis_name):
     cls, _ = builders[name]
@@ -264,18 +261,16 @@ def run(cases):
     if (name, mode) not in refs:
       model, optimizer = build(name, mode, None)
       before = layers(model)
-      factored.clear()
       device = jax.devices()[0]
-      loss = float(nnx.jit(global_step)(model, optimizer, jax.device_put(x, device),
-                                        jax.device_put(y, device)))
+      args = (model, optimizer, jax.device_put(x, device), jax.device_put(y, device))
+      loss, solved = run_and_record(nnx.jit(global_step), *args)
       after = layers(model)
       refs[name, mode] = (before, after, {k: after[k] - before[k] for k in after}, loss,
-                          sorted(set(factored)))
-    before, ref, ref_update, ref_loss, ref_factored = refs[name, mode]
-    factored.clear()
+                          solved)
+    before, ref, ref_update, ref_loss, ref_solved = refs[name, mode]
     model, optimizer = build(name, mode, None if style.startswith("jit") else "data")
     step, batch = make_step(style, jax.devices()[:n], model, optimizer, x, y)
-    loss = float(step(model, optimizer, *batch))
+    loss, solved = run_and_record(step, model, optimizer, *batch)
     got = layers(model)
     results.append(dict(
         model=name, mode=mode, style=style, devices=n,
@@ -283,7 +278,7 @@ def run(cases):
         loss=abs(loss - ref_loss) / abs(ref_loss),
         replicated=all(v.sharding.is_fully_replicated
                        for v in jax.tree.leaves(nnx.state((model, optimizer)))),
-        factored=sorted(set(factored)), ref_factored=ref_factored))
+        solved=solved, ref_solved=ref_solved))
     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
   return results
 

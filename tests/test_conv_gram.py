@@ -1,26 +1,16 @@
-"""The fast paths of the performance work against their references.
-
-* `conv_gram.gram` by shifts (no im2col) against ``patches(x)ᵀ patches(x)`` in
-  float64, for 1/2/3-d, SAME/VALID/explicit (even negative) padding, strides,
-  dilation, odd and even kernels, with and without bias;
-* every solver path `ops._direction` can take (batch-space CG with ``AAᵀ``,
-  parameter-space CG with the formed Gram, CG in an eigenbasis, Cholesky solve,
-  explicit inverse in either multiplication order), each forced by the cost
-  model, against float64 NumPy and (CG) against matrix-free CG.
-"""
+"""`conv_gram`: the Gram ``AᵀA`` by shifts (no im2col) against ``patches(x)ᵀ patches(x)``
+in float64, for 1/2/3-d, SAME/VALID/explicit (even negative) padding, strides, dilation,
+odd and even kernels, with and without bias; the patches against a loop reference."""
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import proxprop_jax as pp
-from proxprop_jax import conv_gram, ops, solvers
+from proxprop_jax import conv_gram, geometry
 from tests import reference
-from tests.test_ops import _matrix_free_direction
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -45,7 +35,7 @@ GRAM_CASES = [
 
 
 def _pads(shape, window, strides, padding, dilation):
-  return ops._pads(padding, shape[1:-1], window, strides, dilation)
+  return geometry.explicit_pads(padding, shape[1:-1], window, strides, dilation)
 
 
 @pytest.mark.parametrize("case", GRAM_CASES, ids=lambda c: f"{len(c[1])}d-k{c[1]}-s{c[2]}-"
@@ -59,7 +49,9 @@ def test_shift_gram_matches_patches(case):
   def grams(x):
     out = {}
     for use_bias in (False, True):
-      a = conv_gram.input_matrix(x, window, strides, pads, dilation, use_bias)
+      a = conv_gram.patches(x, window, strides, pads, dilation)
+      if use_bias:
+        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
       out[use_bias] = (a.T @ a, conv_gram.gram(x, window, strides, pads, dilation, use_bias,
                                                 method="shifts"))
     return out
@@ -107,125 +99,3 @@ def test_strided_convs_fall_back_to_patches_when_cheaper():
   pads = ((0, 0), (0, 0))
   patch = conv_gram.gram_flops(x_shape, window, strides, pads, (1, 1), True, "patches")
   assert conv_gram.gram_flops(x_shape, window, strides, pads, (1, 1), True) == patch
-
-
-# ---------------------------------------------------------------- the solver paths
-
-
-def _force(monkeypatch, *, eig: bool, inverse: bool):
-  """Makes the cost model choose the eigenbasis CG / the explicit inverse (or not)."""
-  monkeypatch.setattr(ops, "_cg_in_eigenbasis", lambda n, k, steps: eig)
-  monkeypatch.setattr(ops, "_inverse_is_cheaper", lambda n, k: inverse)
-
-
-PROBLEMS = [
-    # (op, kwargs, x shape, kernel shape, batch space?): batch space with p < out and
-    # p > out, parameter space (dense and conv).
-    (pp.dense, {}, (5, 8), (8, 12), True),
-    (pp.dense, {}, (9, 14), (14, 3), True),
-    (pp.dense, {}, (40, 6), (6, 3), False),
-    (pp.conv, {"padding": "SAME"}, (2, 6, 6, 2), (3, 3, 2, 4), False),
-]
-
-
-def _problem(rng, op, kw, x_shape, k_shape):
-  x, k = jnp.asarray(rng.normal(size=x_shape)), jnp.asarray(rng.normal(size=k_shape))
-  b = jnp.asarray(rng.normal(size=k_shape[-1]))
-  plain = functools.partial(op, mode="gradient", **kw)
-  g = jnp.asarray(rng.normal(size=plain(x, k, b).shape))
-  g = g.at[..., 0].set(0.0)  # a dead unit: its column must stay exactly zero
-  if op is pp.dense:
-    a = reference.with_ones(np.asarray(x), True)
-  else:
-    a = reference.with_ones(reference.patches(np.asarray(x), k_shape[:-2], (1, 1),
-                                              [(1, 1), (1, 1)], (1, 1))[0], True)
-  return x, k, b, g, a
-
-
-@pytest.mark.parametrize("eig,inverse", list(itertools.product([False, True], repeat=2)))
-def test_every_solver_path_matches_numpy(monkeypatch, eig, inverse):
-  _force(monkeypatch, eig=eig, inverse=inverse)
-  rng = np.random.default_rng(3)
-  modes = ("prox_exact", "prox_cg1", "prox_cg3")
-  for op, kw, x_shape, k_shape, batch_space in PROBLEMS:
-    x, k, b, g, a = _problem(rng, op, kw, x_shape, k_shape)
-    assert (a.shape[0] < a.shape[1]) == batch_space  # the space the cost model picks
-
-    @jax.jit
-    def directions(x, k, b, g):
-      return [jax.vjp(lambda k, b: op(x, k, b, mode=mode, tau_prox=0.5, **kw), k, b)[1](g)
-              for mode in modes]
-
-    plain = functools.partial(op, mode="gradient", **kw)
-    matrix_free = jax.jit(lambda x, k, b, g: _matrix_free_direction(plain, x, k, b, g, 2.0, 3))
-    for mode, (dk, db) in zip(modes, directions(x, k, b, g)):
-      got = np.concatenate([np.asarray(dk).reshape(-1, k_shape[-1]), np.asarray(db)[None]])
-      want = reference.direction(a, np.asarray(g).reshape(-1, k_shape[-1]), mode, 2.0)
-      err = np.abs(got - want).max() / np.abs(want).max()
-      assert err <= 1e-8, (op.__name__, x_shape, mode, err)
-      assert np.all(got[:, 0] == 0), (op.__name__, x_shape, mode)
-      if mode == "prox_cg3":  # and against matrix-free CG (v ↦ vjp(jvp(v)) + λv)
-        mk, mb = matrix_free(x, k, b, g)
-        want = np.concatenate([np.asarray(mk).reshape(-1, k_shape[-1]), np.asarray(mb)[None]])
-        assert np.abs(got - want).max() <= 1e-8 * np.abs(want).max(), (op.__name__, x_shape)
-
-
-def test_kernel_cg_is_textbook_cg_in_parameter_space():
-  rng = np.random.default_rng(4)
-  a, g = rng.normal(size=(7, 12)), rng.normal(size=(7, 4))
-  m = a.T @ a + 0.3 * np.eye(12)
-  for steps in (1, 2, 5, 9):
-    y = solvers.kernel_cg(jnp.asarray(a @ a.T), jnp.asarray(g), 0.3, steps)
-    want = np.stack([reference.cg(m, (a.T @ g)[:, c], steps) for c in range(4)], axis=1)
-    np.testing.assert_allclose(a.T @ np.asarray(y), want, rtol=1e-9, atol=1e-12)
-
-
-def test_gram_cg_is_textbook_cg():
-  rng = np.random.default_rng(5)
-  a, rhs = rng.normal(size=(20, 8)), rng.normal(size=(8, 3))
-  rhs[:, 1] = 0
-  m = a.T @ a
-  for steps in (1, 4, 8):
-    got = solvers.gram_cg(jnp.asarray(m), jnp.asarray(rhs), 0.7, steps)
-    want = np.stack([reference.cg(m + 0.7 * np.eye(8), rhs[:, c], steps) for c in range(3)], 1)
-    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
-    assert np.all(np.asarray(got)[:, 1] == 0)
-
-
-def test_spd_inverse_matches_numpy_and_falls_back():
-  rng = np.random.default_rng(6)
-  a = rng.normal(size=(10, 10))
-  m = a @ a.T
-  np.testing.assert_allclose(jax.jit(solvers.spd_inverse)(m, 0.2),
-                             np.linalg.inv(m + 0.2 * np.eye(10)), rtol=1e-9)
-  # float32, rank 2, λ far below rounding: Cholesky breaks down, the fallback is finite.
-  low = rng.normal(size=(30, 2)).astype(np.float32) * 100
-  inv = jax.jit(solvers.spd_inverse)(jnp.asarray(low @ low.T), 1e-6)
-  assert np.all(np.isfinite(inv))
-
-
-def test_eig_cg_from_the_residual_is_textbook_cg():
-  # eig_cg does not carry the iterate: w = (c − r) / (s + λ). Batch-space weights.
-  rng = np.random.default_rng(7)
-  evals = np.abs(rng.normal(size=9)) * 3
-  coeffs = rng.normal(size=(9, 11))
-  coeffs[:, 3] = 0
-  got = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
-  # Weights ⟨u, v⟩ = uᵀ diag(s) v: plain CG for u = √s ⊙ w (the matrices are diagonal).
-  root = np.sqrt(evals)
-  want = np.stack([reference.cg(np.diag(evals + 0.4), root * coeffs[:, c], 5) / root
-                   for c in range(11)], axis=1)
-  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
-  assert np.all(np.asarray(got)[:, 3] == 0)
-
-
-def test_eig_cg_on_column_blocks_matches_whole_array(monkeypatch):
-  rng = np.random.default_rng(8)
-  evals = np.abs(rng.normal(size=9)) * 3
-  coeffs = rng.normal(size=(9, 11))
-  coeffs[:, 5] = 0
-  whole = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
-  monkeypatch.setattr(solvers, "EIG_CG_CHUNK", 4)  # 11 columns: 3 blocks, one padded
-  blocks = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
-  np.testing.assert_allclose(blocks, whole, rtol=1e-13, atol=1e-15)
-  assert np.all(np.asarray(blocks)[:, 5] == 0)

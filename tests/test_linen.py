@@ -46,10 +46,18 @@ def test_conv(mode):
          functools.partial(pp.conv, strides=2, mode=mode, tau_prox=0.5))
 
 
+@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
+def test_grouped_conv(mode):
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+  _check(pp.linen.Conv(6, (3, 3), feature_group_count=2, mode=mode, tau_prox=0.5),
+         nn.Conv(6, (3, 3), feature_group_count=2), x,
+         functools.partial(pp.conv, feature_group_count=2, mode=mode, tau_prox=0.5))
+
+
 def test_bad_configuration_raises_at_construction():
   with pytest.raises(ValueError, match="valid modes are"):
     pp.linen.Dense(3, mode="prox_cgx")
   with pytest.raises(ValueError, match="tau_prox must be"):
     pp.linen.Conv(3, (3, 3), tau_prox=float("inf"))
-  with pytest.raises(ValueError, match="feature_group_count=1"):
-    pp.linen.Conv(4, (3, 3), feature_group_count=2)
+  with pytest.raises(ValueError, match="input_dilation=1"):
+    pp.linen.Conv(4, (3, 3), input_dilation=2)

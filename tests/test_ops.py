@@ -9,15 +9,11 @@ import pytest
 
 import proxprop_jax as pp
 from tests import reference
+from tests.helpers import flat, matrix_free_direction, rel_err
 
 MODES = ["gradient", "prox_exact", "prox_cg1", "prox_cg2", "prox_cg5"]
 CONV_MODES = ["gradient", "prox_exact", "prox_cg2"]  # compile time: conv cases are many
 RTOL = 1e-8
-
-
-def _rel_err(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
 
 
 def _param_cotangents(layer_fn, x, kernel, bias, target):
@@ -25,11 +21,6 @@ def _param_cotangents(layer_fn, x, kernel, bias, target):
   loss = lambda x, k, b: 0.5 * jnp.sum((layer_fn(x, k, b) - target) ** 2)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
   return grads, layer_fn(x, kernel, bias) - target
-
-
-def _flat(dk, db):
-  dk = np.asarray(dk).reshape(-1, np.shape(dk)[-1])
-  return dk if db is None else np.concatenate([dk, np.asarray(db)[None]], axis=0)
 
 
 # ------------------------------------------------------------------------------ dense
@@ -50,7 +41,7 @@ def test_dense_matches_numpy(mode, x_shape, use_bias):
   (dx, dk, db), g = _param_cotangents(layer, x, kernel, bias, target)
   a = reference.with_ones(np.asarray(x).reshape(-1, x_shape[-1]), use_bias)
   want = reference.direction(a, np.asarray(g).reshape(-1, 4), mode, 1 / 0.7)
-  assert _rel_err(_flat(dk, db), want) <= RTOL
+  assert rel_err(flat(dk, db), want) <= RTOL
   np.testing.assert_allclose(dx, np.asarray(g) @ np.asarray(kernel).T, rtol=1e-12)
   assert dk.dtype == kernel.dtype and dk.shape == kernel.shape
   assert (db is None) == (bias is None)
@@ -104,11 +95,11 @@ def test_conv_matches_numpy(mode, case):
     # Forward pass: A θ.
     np.testing.assert_allclose(
         np.asarray(layer(x, kernel, bias)).reshape(-1, cout),
-        a @ _flat(kernel, bias), rtol=1e-10, atol=1e-10)
+        a @ flat(kernel, bias), rtol=1e-10, atol=1e-10)
     target = jnp.asarray(rng.normal(size=(x_shape[0], *out, cout)))
     (dx, dk, db), g = _param_cotangents(layer, x, kernel, bias, target)
     want = reference.direction(a, np.asarray(g).reshape(-1, cout), mode, 2.0)
-    assert _rel_err(_flat(dk, db), want) <= RTOL, use_bias
+    assert rel_err(flat(dk, db), want) <= RTOL, use_bias
     plain = lambda x: pp.conv(x, kernel, bias, strides=strides, padding=padding,
                               rhs_dilation=dilation, mode="gradient")
     np.testing.assert_allclose(dx, jax.vjp(plain, x)[1](g)[0], rtol=1e-12)
@@ -185,8 +176,8 @@ def test_cg_reaches_exact_after_as_many_steps_as_distinct_eigenvalues():
   direction = lambda mode: _param_cotangents(
       functools.partial(pp.dense, mode=mode, tau_prox=0.5), x, k, None, target)[0][1]
   exact = direction("prox_exact")
-  assert _rel_err(direction("prox_cg2"), exact) > 1e-3
-  assert _rel_err(direction("prox_cg3"), exact) <= 1e-10
+  assert rel_err(direction("prox_cg2"), exact) > 1e-3
+  assert rel_err(direction("prox_cg3"), exact) <= 1e-10
 
 
 @pytest.mark.usefixtures("x64")
@@ -198,7 +189,7 @@ def test_each_cg_step_lowers_the_error_in_the_system_norm(x_shape):
   target = jnp.asarray(rng.normal(size=(x_shape[0], 3)))
   a = reference.with_ones(np.asarray(x), True)
   m = a.T @ a + 2.0 * np.eye(a.shape[1])
-  direction = lambda mode: _flat(*_param_cotangents(
+  direction = lambda mode: flat(*_param_cotangents(
       functools.partial(pp.dense, mode=mode, tau_prox=0.5), x, k, b, target)[0][1:])
   exact = direction("prox_exact")
   errors = [np.einsum("ic,ij,jc->c", e, m, e) for e in
@@ -208,25 +199,6 @@ def test_each_cg_step_lowers_the_error_in_the_system_norm(x_shape):
 
 
 # ------------------------------------------------------- fast paths vs matrix-free CG
-
-
-def _matrix_free_direction(layer_fn, x, kernel, bias, g, lam, steps):
-  """Per-output-column ``jax.scipy.sparse.linalg.cg`` with ``v ↦ vjp(jvp(v)) + λv``."""
-  params = (kernel, bias)
-
-  def column(c):
-    def embed(v):
-      return jax.tree.map(lambda p, vi: jnp.zeros_like(p).at[..., c].set(vi), params, v)
-
-    apply = lambda v: layer_fn(x, *embed(v))
-    zero = jax.tree.map(lambda p: p[..., 0] * 0, params)
-    _, apply_t = jax.vjp(apply, zero)
-    operator = lambda v: jax.tree.map(lambda a, v: a + lam * v, apply_t(apply(v))[0], v)
-    rhs = apply_t(g)[0]
-    return jax.scipy.sparse.linalg.cg(operator, rhs, tol=0.0, atol=0.0, maxiter=steps)[0]
-
-  dk, db = jax.vmap(column, out_axes=-1)(jnp.arange(kernel.shape[-1]))
-  return dk, db
 
 
 @pytest.mark.usefixtures("x64")
@@ -246,8 +218,8 @@ def test_fast_paths_match_matrix_free_cg(steps):
     g = jnp.asarray(rng.normal(size=plain(x, k, b).shape))
     fast = jax.vjp(lambda k, b: op(x, k, b, mode=f"prox_cg{steps}", tau_prox=0.5, **kw), k, b)
     got = fast[1](g)
-    want = _matrix_free_direction(plain, x, k, b, g, 2.0, steps)
-    assert _rel_err(_flat(*got), _flat(*want)) <= RTOL, (op.__name__, x_shape)
+    want = matrix_free_direction(plain, x, k, b, g, 2.0, steps)
+    assert rel_err(flat(*got), flat(*want)) <= RTOL, (op.__name__, x_shape)
 
 
 # -------------------------------------------------------------------------- proximal
@@ -268,7 +240,7 @@ def test_proximal_agrees_with_dense(mode, rows):
   want = jax.vjp(lambda p, x: pp.dense(x, p["kernel"], p["bias"], mode=mode, tau_prox=0.4),
                  params, x)[1](g)
   for leaf_got, leaf_want in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert _rel_err(leaf_got, leaf_want) <= RTOL
+    assert rel_err(leaf_got, leaf_want) <= RTOL
 
 
 @pytest.mark.usefixtures("x64")
@@ -279,7 +251,7 @@ def test_proximal_conv_agrees_with_conv_exact():
   g = jnp.asarray(rng.normal(size=fn(k, x).shape))
   got = jax.vjp(pp.proximal(fn, mode="prox_exact", tau_prox=2.0), k, x)[1](g)
   want = jax.vjp(lambda k, x: pp.conv(x, k, strides=2, mode="prox_exact", tau_prox=2.0), k, x)[1](g)
-  assert _rel_err(got[0], want[0]) <= RTOL and _rel_err(got[1], want[1]) <= 1e-12
+  assert rel_err(got[0], want[0]) <= RTOL and rel_err(got[1], want[1]) <= 1e-12
 
 
 @pytest.mark.usefixtures("x64")
@@ -295,7 +267,7 @@ def test_proximal_cg_is_one_cg_over_the_whole_pytree(steps):
   m = np.kron(m1, np.eye(3))  # rows of [W; b] flattened row-major
   rhs = (a.T @ np.asarray(g)).ravel()
   want = reference.cg(m, rhs, steps).reshape(6, 3)
-  assert _rel_err(_flat(got["kernel"], got["bias"]), want) <= RTOL
+  assert rel_err(flat(got["kernel"], got["bias"]), want) <= RTOL
 
 
 def test_proximal_exact_refuses_large_parameter_counts():
@@ -353,7 +325,7 @@ def test_no_nan_for_degenerate_problems(case, tau, mode):
   dead = column_scale == 0
   assert np.all(np.asarray(dk)[:, dead] == 0) and np.all(np.asarray(db)[dead] == 0)
   grad = np.concatenate([np.asarray(x).T @ np.asarray(g), np.asarray(g).sum(0)[None]])
-  inner = float(np.sum(_flat(dk, db) * grad))
+  inner = float(np.sum(flat(dk, db) * grad))
   assert inner > 0 or np.all(grad == 0)
 
 
@@ -383,7 +355,7 @@ def test_bad_shapes_name_the_shapes():
     pp.conv(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), jnp.ones(3))
   with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID'"):
     pp.conv(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), padding="FULL")
-  with pytest.raises(ValueError, match="strides must be an int >= 1 or 2 of them"):
+  with pytest.raises(ValueError, match="strides must be an integer >= 1 or 2 of them"):
     pp.conv(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), strides=(1, 1, 1))
 
 
@@ -399,3 +371,81 @@ def test_bad_mode_and_tau_raise_at_call_time(op):
     call(tau_prox=0.0)
   with pytest.raises(ValueError, match="tau_prox must be"):
     call(tau_prox=float("nan"))
+
+
+# ------------------------------------------------------------------------- precision
+
+PRODUCTS = ("dot_general", "conv_general_dilated")
+
+
+def _product_precisions(closed_jaxpr) -> list:
+  """The ``precision`` of every matrix product and convolution in a jaxpr, sub-jaxprs
+  (loops, custom rules, jit) included; one entry per product (the lhs/rhs pair collapsed,
+  unset as ``DEFAULT``)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in PRODUCTS:
+        p = eqn.params["precision"]
+        p = p[0] if isinstance(p, tuple) else p
+        found.append(jax.lax.Precision.DEFAULT if p is None else p)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found
+
+
+PRECISION_PLANS = [None] + [pp.Plan(s, v, m) for s in ("batch", "parameter")
+                            for v in ("cholesky", "inverse", "cg", "eig_cg")
+                            for m in (False, True)
+                            if not (m and (s == "parameter" or v in ("cholesky", "cg")))]
+
+
+@pytest.mark.parametrize("op,x_shape,k_shape", [(pp.dense, (6, 9), (9, 4)),
+                                                (pp.conv, (2, 5, 5, 3), (3, 3, 3, 4))])
+def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
+  # Under bfloat16 default matmuls (a TPU's default), every product that computes the
+  # direction must carry solve_precision explicitly; the layer's forward pass and input
+  # cotangent keep the user's precision. The user's products are exactly those of the
+  # plain layer's forward pass and its input vjp.
+  x, k, b = jnp.ones(x_shape), jnp.ones(k_shape), jnp.ones(k_shape[-1])
+  default, high, highest = (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGH,
+                            jax.lax.Precision.HIGHEST)
+
+  def plain_products(precision):
+    fn = lambda x: jnp.sum(op(x, k, b, mode="gradient", precision=precision) ** 2)
+    return _product_precisions(jax.make_jaxpr(jax.grad(fn))(x))
+
+  for mode in ("gradient", "prox_exact", "prox_cg3"):
+    for plan in PRECISION_PLANS:
+      if plan is not None and not ((mode == "prox_exact") == (plan.solver in ("cholesky",
+                                                                              "inverse"))):
+        continue
+      if mode == "gradient" and plan is not None:
+        continue
+      for user in (default, high):
+        loss = lambda x, k, b: jnp.sum(op(x, k, b, mode=mode, tau_prox=0.5, precision=user,
+                                          axis_name=None, plan=plan) ** 2)
+        with jax.default_matmul_precision("bfloat16"):
+          found = _product_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b))
+        user_products = plain_products(user)
+        if mode == "gradient":  # the plain layer, jax.grad's products at the user's precision
+          assert found.count(user) == len(found), (mode, user)
+          continue
+        assert found.count(user) == len(user_products), (mode, plan, user, found)
+        assert found.count(highest) == len(found) - len(user_products) > 0, (mode, plan, found)
+
+
+def test_solve_precision_is_configurable_and_checked():
+  x, k = jnp.ones((6, 9)), jnp.ones((9, 4))
+  loss = lambda k: jnp.sum(pp.dense(x, k, mode="prox_cg2", solve_precision="high") ** 2)
+  found = _product_precisions(jax.make_jaxpr(jax.grad(loss))(k))
+  assert jax.lax.Precision.HIGH in found and jax.lax.Precision.HIGHEST not in found
+  with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision or one of"):
+    pp.dense(x, k, solve_precision="fast")

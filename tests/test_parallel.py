@@ -32,8 +32,8 @@ LOSS_RTOL = 1e-5
 # different orders differ by up to 2.4e-4. A device's own direction instead of the global
 # one is off by ~0.36 (the negative control below).
 UPDATE_RTOL = 1e-3
-GLOBAL_ROWS = [[worker.GLOBAL_BATCH, worker.GLOBAL_BATCH]]  # batch-space kernel, all rows
-CONV_GRAMS = [[28, 28], [37, 37], [55, 55]]  # parameter-space Grams of the three convs
+GLOBAL_ROWS = [["batch", worker.GLOBAL_BATCH]]  # the batch-space system of all rows
+CONV_GRAMS = [["parameter", 28], ["parameter", 37], ["parameter", 55]]  # the three convs
 PLANS = ("mlp", "convnet")
 CASES = [case for name in PLANS for case in worker.plan(name)]
 TIMEOUT_S = 600
@@ -98,11 +98,11 @@ def test_step_matches_one_device_on_global_batch(runs, case):
   assert r["loss"] <= LOSS_RTOL, r
   assert r["replicated"], "parameters and optimizer state must stay replicated"
   # The same systems as on one device: the global batch's, not a shard's.
-  assert r["factored"] == r["ref_factored"], r
+  assert r["solved"] == r["ref_solved"], r
   if mode != "gradient" and model in ("mlp", "mlp_linen"):
-    assert r["factored"] == GLOBAL_ROWS, "the MLP's dense layers must solve in batch space"
+    assert r["solved"] == GLOBAL_ROWS, "the MLP's dense layers must solve in batch space"
   if mode != "gradient" and model == "convnet":
-    assert r["factored"] == CONV_GRAMS, "the convs must solve in parameter space"
+    assert r["solved"] == CONV_GRAMS, "the convs must solve in parameter space"
 
 
 def test_cases_cover_every_style_mode_and_device_count():

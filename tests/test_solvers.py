@@ -79,3 +79,76 @@ def test_matrix_free_cg_matches_jax_scipy_cg_on_pytrees():
 def test_matrix_free_cg_stays_put_at_zero_residual():
   got = solvers.cg(lambda v: 2.0 * v, jnp.zeros(3), 4)
   assert np.all(np.asarray(got) == 0)
+
+
+def test_row_gram_cg_is_textbook_cg_in_parameter_space():
+  rng = np.random.default_rng(5)
+  a, g = rng.normal(size=(7, 12)), rng.normal(size=(7, 4))
+  m = a.T @ a + 0.3 * np.eye(12)
+  for steps in (1, 2, 5, 9):
+    y = solvers.row_gram_cg(jnp.asarray(a @ a.T), jnp.asarray(g), 0.3, steps)
+    want = np.stack([reference.cg(m, (a.T @ g)[:, c], steps) for c in range(4)], axis=1)
+    np.testing.assert_allclose(a.T @ np.asarray(y), want, rtol=1e-9, atol=1e-12)
+
+
+def test_gram_cg_is_textbook_cg():
+  rng = np.random.default_rng(6)
+  a, rhs = rng.normal(size=(20, 8)), rng.normal(size=(8, 3))
+  rhs[:, 1] = 0
+  m = a.T @ a
+  for steps in (1, 4, 8):
+    got = solvers.gram_cg(jnp.asarray(m), jnp.asarray(rhs), 0.7, steps)
+    want = np.stack([reference.cg(m + 0.7 * np.eye(8), rhs[:, c], steps) for c in range(3)], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert np.all(np.asarray(got)[:, 1] == 0)
+
+
+def test_spd_inverse_matches_numpy_and_falls_back():
+  rng = np.random.default_rng(7)
+  m = _psd(rng, 10, 10)
+  np.testing.assert_allclose(jax.jit(solvers.spd_inverse)(m, 0.2),
+                             np.linalg.inv(m + 0.2 * np.eye(10)), rtol=1e-9)
+  # float32, rank 2, λ far below rounding: Cholesky breaks down, the fallback is finite.
+  low = rng.normal(size=(30, 2)).astype(np.float32) * 100
+  inv = jax.jit(solvers.spd_inverse)(jnp.asarray(low @ low.T), 1e-6)
+  assert np.all(np.isfinite(inv))
+
+
+def test_solvers_treat_leading_dims_as_independent_blocks():
+  rng = np.random.default_rng(8)
+  m = np.stack([_psd(rng, 6, 6), _psd(rng, 6, 3)])
+  rhs = rng.normal(size=(2, 6, 3))
+  for solve in (lambda m, b: solvers.spd_solve(m, b, 0.4),
+                lambda m, b: solvers.spd_inverse(m, 0.4) @ b,
+                lambda m, b: solvers.gram_cg(m, b, 0.4, 3),
+                lambda m, b: solvers.row_gram_cg(m, b, 0.4, 3)):
+    got = solve(jnp.asarray(m), jnp.asarray(rhs))
+    for b in range(2):
+      np.testing.assert_allclose(got[b], solve(jnp.asarray(m[b]), jnp.asarray(rhs[b])),
+                                 rtol=1e-12)
+
+
+def test_eig_cg_from_the_residual_is_textbook_cg():
+  # eig_cg does not carry the iterate: w = (c − r) / (s + λ). Batch-space weights.
+  rng = np.random.default_rng(9)
+  evals = np.abs(rng.normal(size=9)) * 3
+  coeffs = rng.normal(size=(9, 11))
+  coeffs[:, 3] = 0
+  got = solvers.eig_cg(jnp.asarray(evals), jnp.asarray(coeffs), 0.4, 5, weights=evals)
+  # Weights ⟨u, v⟩ = uᵀ diag(s) v: plain CG for u = √s ⊙ w (the matrices are diagonal).
+  root = np.sqrt(evals)
+  want = np.stack([reference.cg(np.diag(evals + 0.4), root * coeffs[:, c], 5) / root
+                   for c in range(11)], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+  assert np.all(np.asarray(got)[:, 3] == 0)
+
+
+def test_eig_cg_on_column_blocks_matches_whole_array():
+  rng = np.random.default_rng(10)
+  evals = jnp.asarray(np.abs(rng.normal(size=9)) * 3)
+  coeffs = rng.normal(size=(9, 11))
+  coeffs[:, 5] = 0
+  whole = solvers.eig_cg(evals, jnp.asarray(coeffs), 0.4, 5, weights=evals, chunk=11)
+  blocks = solvers.eig_cg(evals, jnp.asarray(coeffs), 0.4, 5, weights=evals, chunk=4)
+  np.testing.assert_allclose(blocks, whole, rtol=1e-13, atol=1e-15)
+  assert np.all(np.asarray(blocks)[:, 5] == 0)

@@ -1,0 +1,150 @@
+"""The kinds of layers that are linear in their parameters, ``z = A(x) θ``.
+
+A kind knows the geometry of its layer and nothing about solving: how to apply
+it, its input matrix ``A`` (``matrix``: without the bias column, per block), its
+Gram ``AᵀA`` (``gram``: with the bias row and column, per block), the cost of
+forming that Gram, and how parameter cotangents map to the columns of the
+small systems (``to_columns``/``from_columns``).
+
+Blocks: a layer whose output columns each depend on a disjoint subset of the
+inputs has a block-diagonal ``AᵀA`` (a grouped convolution: one block per
+group). Every array of the systems then has a leading block axis ``B``: the
+Gram ``(B, p, p)``, the gradient ``(B, p, k)`` with ``k`` output columns per
+block. A plain layer has ``B = 1``.
+
+Kinds are frozen dataclasses: hashable, so they are static data of a
+``jax.custom_vjp`` and of `planner.plan`'s cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from proxprop_jax import conv_gram, geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """The sizes that decide how to solve: see `planner.plan`.
+
+  Attributes:
+    blocks: the number of independent systems ``B``.
+    rows: rows of ``A`` over all devices (batch × output positions).
+    params: parameters per output column, ``p`` (the bias included).
+    columns: output columns per block, ``k``.
+    gram_flops: the cost of forming the parameter-space Gram ``AᵀA`` (all blocks).
+  """
+
+  blocks: int
+  rows: int
+  params: int
+  columns: int
+  gram_flops: float
+
+
+def _append_bias(columns, bias_columns):
+  """The kernel's columns ``(B, p0, k)`` with the bias's ``(B, k)`` as one more row."""
+  return columns if bias_columns is None else jnp.concatenate(
+      [columns, bias_columns[:, None, :]], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """``z = x W + b`` over the last axis of ``x``; ``A = [x, 1]``, rows = leading dims."""
+
+  use_bias: bool
+
+  def apply(self, x, kernel, bias, precision=None):
+    z = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return z if bias is None else z + bias
+
+  def problem(self, x_shape, kernel_shape, devices: int) -> Problem:
+    rows, p = math.prod(x_shape[:-1]) * devices, x_shape[-1] + self.use_bias
+    return Problem(1, rows, p, kernel_shape[-1], 2.0 * rows * p * p)
+
+  def matrix(self, x):
+    return x.reshape(1, -1, x.shape[-1])
+
+  def gram(self, x, precision=None):
+    a = self.matrix(x)[0]
+    ata = jnp.matmul(a.T, a, precision=precision)
+    if self.use_bias:
+      col = jnp.sum(a, axis=0)
+      corner = jnp.full((1, 1), a.shape[0], a.dtype)
+      ata = jnp.block([[ata, col[:, None]], [col[None, :], corner]])
+    return ata[None]
+
+  def cotangent_rows(self, g):
+    return g.reshape(1, -1, g.shape[-1])
+
+  def to_columns(self, kernel, bias):
+    return _append_bias(kernel[None], None if bias is None else bias[None])
+
+  def from_columns(self, d, kernel_shape):
+    kernel = d[0, : kernel_shape[0]]
+    return kernel, (d[0, -1] if self.use_bias else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """An N-d convolution (channels last, ``(*window, Cin/groups, Cout)`` kernels) with
+  explicit padding; ``A = [patches(x), 1]``, rows = batch × output positions.
+
+  With ``groups > 1`` group ``b`` reads input channels ``b·Cin/G … (b+1)·Cin/G`` and
+  writes output channels ``b·Cout/G …``: one block per group.
+  """
+
+  use_bias: bool
+  window: tuple[int, ...]
+  strides: tuple[int, ...]
+  pads: tuple[tuple[int, int], ...]
+  dilation: tuple[int, ...]
+  groups: int = 1
+
+  @property
+  def _geometry(self):
+    return self.window, self.strides, self.pads, self.dilation
+
+  def apply(self, x, kernel, bias, precision=None):
+    spatial = "DHW"[3 - len(self.window):]
+    specs = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    dims = lax.conv_dimension_numbers(x.shape, kernel.shape, specs)
+    z = lax.conv_general_dilated(x, kernel, self.strides, self.pads, rhs_dilation=self.dilation,
+                                 dimension_numbers=dims, feature_group_count=self.groups,
+                                 precision=precision)
+    return z if bias is None else z + bias
+
+  def problem(self, x_shape, kernel_shape, devices: int) -> Problem:
+    out = geometry.conv_output_shape(x_shape[1:-1], *self._geometry)
+    rows = x_shape[0] * math.prod(out) * devices
+    group_shape = (x_shape[0] * devices, *x_shape[1:-1], x_shape[-1] // self.groups)
+    flops = self.groups * conv_gram.gram_flops(group_shape, *self._geometry, self.use_bias)
+    p = math.prod(self.window) * group_shape[-1] + self.use_bias
+    return Problem(self.groups, rows, p, kernel_shape[-1] // self.groups, flops)
+
+  def _by_group(self, x):
+    """``(G, N, *spatial, Cin/G)``."""
+    return jnp.moveaxis(x.reshape(*x.shape[:-1], self.groups, -1), -2, 0)
+
+  def matrix(self, x):
+    return jax.vmap(lambda x: conv_gram.patches(x, *self._geometry))(self._by_group(x))
+
+  def gram(self, x, precision=None):
+    return jax.vmap(lambda x: conv_gram.gram(x, *self._geometry, self.use_bias,
+                                             precision=precision))(self._by_group(x))
+
+  def cotangent_rows(self, g):
+    return g.reshape(-1, self.groups, g.shape[-1] // self.groups).transpose(1, 0, 2)
+
+  def to_columns(self, kernel, bias):
+    k = kernel.reshape(-1, self.groups, kernel.shape[-1] // self.groups).transpose(1, 0, 2)
+    return _append_bias(k, None if bias is None else bias.reshape(self.groups, -1))
+
+  def from_columns(self, d, kernel_shape):
+    kernel = d[:, : d.shape[1] - self.use_bias].transpose(1, 0, 2).reshape(kernel_shape)
+    return kernel, (d[:, -1].reshape(-1) if self.use_bias else None)
