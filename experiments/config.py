@@ -104,6 +104,7 @@ class RunConfig:
 RESUME_KEYS = ("model", "mode", "optimizer", "lr", "tau_prox", "momentum", "weight_decay",
                "batch_size", "train_samples", "dataset", "seed")
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+DEFAULTS = dataclasses.asdict(RunConfig())
 
 
 def add_flags(parser: argparse.ArgumentParser, names=tuple(FIELDS), **defaults) -> None:
