@@ -84,8 +84,9 @@ def finished_runs(out: str, grid) -> list[dict]:
   return runs
 
 
-def write_results(out: str, runs: list[dict]) -> None:
-  """``figures.png``/``.pdf`` (one row per model) and ``results.md`` (one table per model)."""
+def write_results(out: str, runs: list[dict]):
+  """Writes ``figures.png``/``.pdf`` (one row per model) and ``results.md`` (one table per
+  model); returns the figure."""
   order = [r.model for r in config_lib.PAPER_GRID]
   by_model = {}
   for run in sorted(runs, key=lambda r: (order.index(r["config"]["model"])
@@ -108,6 +109,7 @@ def write_results(out: str, runs: list[dict]) -> None:
                  f"({', '.join(sorted({r['config']['dataset'] for r in model_runs}))})\n\n"
                  f"{plots.results_table(model_runs)}\n" for model, model_runs in by_model.items())
   records.write_text(os.path.join(out, "results.md"), text)
+  return fig
 
 
 def run_grid(base: config_lib.RunConfig, out: str, grid) -> list[dict]:

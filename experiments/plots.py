@@ -105,7 +105,8 @@ def _panel(ax, runs, metric: Metric, versus: str, title: str, colour_of: dict, k
   ax.set_yscale("log", nonpositive="mask")
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize="small")
+  if ax.get_lines():
+    ax.legend(fontsize="small")
 
 
 def _rows_figure(rows, key_of, title: str) -> Figure:

@@ -14,9 +14,9 @@ import importlib.metadata
 import json
 import os
 import subprocess
-import tempfile
 
-CONFIG, METRICS, SUMMARY, CHECKPOINTS = "config.json", "metrics.jsonl", "summary.json", "checkpoints"
+CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+CHECKPOINTS = "checkpoints"
 PACKAGES = ("proxprop_jax", "jax", "jaxlib", "flax", "optax")
 
 
@@ -42,16 +42,16 @@ def append_jsonl(path: str, row) -> None:
 
 def write_text(path: str, text: str) -> None:
   """Writes ``text`` to a temporary file next to ``path``, then renames it to ``path``."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  tmp = f"{path}.{os.getpid()}.tmp"  # one writer per process; the umask sets its mode
   try:
-    with os.fdopen(fd, "w") as f:
+    with open(tmp, "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
     raise
 
 
