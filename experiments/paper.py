@@ -112,8 +112,8 @@ def write_results(out: str, runs: list[dict]):
   return fig
 
 
-def run_grid(base: config_lib.RunConfig, out: str, grid) -> list[dict]:
-  """Trains what `plan` says for each run of ``grid``; returns the finished runs in ``out``."""
+def run_grid(base: config_lib.RunConfig, out: str, grid) -> None:
+  """Trains what `plan` says for each run of ``grid``."""
   start = time.perf_counter()
   diverged = []
   for run in grid:
@@ -126,7 +126,6 @@ def run_grid(base: config_lib.RunConfig, out: str, grid) -> list[dict]:
         diverged.append(run.name)
   print(f"grid done in {time.perf_counter() - start:.0f} s"
         + (f"; diverged: {', '.join(diverged)}" if diverged else ""))
-  return finished_runs(out, grid)
 
 
 def main(argv=None, grid=config_lib.PAPER_GRID) -> list[dict]:
@@ -139,13 +138,14 @@ def main(argv=None, grid=config_lib.PAPER_GRID) -> list[dict]:
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = make_parser()
   base, args = config_lib.parse(parser, argv)
-  grid = [r for r in grid if args.only in (None, r.model)]
+  chosen = [r for r in grid if args.only in (None, r.model)]
 
   def interrupted():
     return (f"interrupted: finished runs and epochs are saved in {args.out}; continue with: "
             f"{cli.command('experiments.paper', argv)}")
 
-  runs = cli.run(lambda: run_grid(base, args.out, grid), interrupted)
+  cli.run(lambda: run_grid(base, args.out, chosen), interrupted)
+  runs = finished_runs(args.out, grid)  # all of them, not only those of --only
   if not runs:
     print(f"no finished run in {args.out}: nothing to draw")
     return runs

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -69,14 +68,17 @@ def subprocess_env(**extra):
   return {**os.environ, "OPENBLAS_NUM_THREADS": "1", **extra}
 
 
-def start_command(module, args, **popen_kwargs) -> subprocess.Popen:
-  """Starts ``python -m module args`` with Ctrl-C armed and its output piped as text.
+# Runs ``python -m MODULE ARGS`` with Ctrl-C armed. A job started in the background by a
+# non-interactive shell (as CI may run the tests) inherits SIGINT ignored, and Python then
+# leaves it ignored; restoring Python's handler first gives the child the KeyboardInterrupt a
+# terminal's Ctrl-C would give. (A preexec_fn would do it too, but forks a multithreaded JAX.)
+_WITH_CTRL_C = ("import runpy, signal, sys; "
+                "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
-  A job started in the background by a non-interactive shell (as CI may run the tests)
-  inherits SIGINT ignored, and Python then leaves it ignored; the child restores the default
-  so that it gets the KeyboardInterrupt a terminal's Ctrl-C would give.
-  """
-  return subprocess.Popen(
-      [sys.executable, "-m", module, *args], cwd=REPO, env=subprocess_env(),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen_kwargs)
+
+def start_command(module, args) -> subprocess.Popen:
+  """Starts ``python -m module args`` with Ctrl-C armed, its output piped as text."""
+  return subprocess.Popen([sys.executable, "-c", _WITH_CTRL_C, module, *args], cwd=REPO,
+                          env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)

@@ -2,10 +2,13 @@
 
 import os
 
+import shlex
+
 import matplotlib.image
 import pytest
 
 from experiments import config as config_lib
+from experiments import data
 from experiments import paper
 from experiments import plots
 from tests import helpers
@@ -123,3 +126,29 @@ def test_extends_reports_other_settings_and_records_divergence(tmp_path, capsys)
   assert results_rows(out) == rows
   # Epochs differ between the runs: the figure's title does not claim one count.
   assert f"{k - 1}-10 epochs" in said
+
+
+def test_interrupted_grid_says_how_to_continue_and_continues(tmp_path, capsys, monkeypatch):
+  out = str(tmp_path)
+  grid = [config_lib.PaperRun("convnet_backprop", "convnet", "backprop", "adam", 1e-3, 1.0)]
+  argv = ["--out", out, "--epochs", "3"] + GRID_FLAGS
+  real_order = data.epoch_order
+
+  def crash_in_epoch_3(seed, epoch, n):  # as Ctrl-C would, in the middle of epoch 3
+    if epoch == 3:
+      raise KeyboardInterrupt
+    return real_order(seed, epoch, n)
+
+  monkeypatch.setattr(data, "epoch_order", crash_in_epoch_3)
+  with pytest.raises(SystemExit) as exit_info:
+    paper.main(argv, grid=grid)
+  assert exit_info.value.code == 130
+  line = capsys.readouterr().err.strip()
+  assert line.startswith(f"interrupted: finished runs and epochs are saved in {out}")
+  assert shlex.split(line.split("continue with: ")[1]) == (["python", "-m", "experiments.paper"]
+                                                          + argv)
+  assert len(helpers.read_metrics(os.path.join(out, "convnet_backprop"))) == 2
+  monkeypatch.setattr(data, "epoch_order", real_order)
+  paper.main(argv, grid=grid)
+  assert "resuming after epoch 2" in capsys.readouterr().out
+  helpers.check_run_files(os.path.join(out, "convnet_backprop"), [], epochs=3)
