@@ -53,6 +53,8 @@ def plan(config) -> tuple[bool, str]:
   state = records.run_state(config.out)
   if state.status == "new":
     return True, "starting"
+  if state.config is None:
+    return False, "holds a summary.json but no config.json; not reused, left as it is"
   changed = records.settings_differ({**config_lib.DEFAULTS, **state.config}, config,
                                     config_lib.RESUME_KEYS)
   if changed:
@@ -79,7 +81,7 @@ def finished_runs(out: str, grid) -> list[dict]:
   for name in names + others:
     run_dir = os.path.join(out, name)
     state = records.run_state(run_dir)
-    if state.status in ("finished", "diverged"):
+    if state.status in ("finished", "diverged") and state.config is not None:
       runs.append(plots.load_run(run_dir, plots.method_label(state.config["mode"])))
   return runs
 
