@@ -39,10 +39,22 @@ def run(body: Callable[[], object], interrupted: Callable[[], str]):
   try:
     return body()
   except KeyboardInterrupt:
-    # A second Ctrl-C while the message is printed and the process exits must not end in a
-    # traceback either.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"\n{interrupted()}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_INTERRUPTED) from None
   except (data_lib.DataNotPreparedError, train.RunDirError) as e:
     raise SystemExit(f"error: {e}") from None
+
+
+def main(entry: Callable[[], object]) -> None:
+  """Runs a command's ``main`` as the program (its ``__main__`` block).
+
+  A second Ctrl-C while an interrupted program exits (JAX and orbax shut down) is ignored, so
+  it ends with the one line `run` printed, never a traceback. In-process callers of ``main``
+  (tests, notebooks) keep their own Ctrl-C handling.
+  """
+  try:
+    entry()
+  except SystemExit as e:
+    if e.code == EXIT_INTERRUPTED:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise

@@ -158,4 +158,4 @@ def main(argv=None, grid=config_lib.PAPER_GRID) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(main)
