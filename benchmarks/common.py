@@ -1,15 +1,11 @@
-"""The paper's models, training steps, and an interleaved timer, shared by the benchmarks.
+"""The paper's models and training steps, and an interleaved timer, shared by the benchmarks.
 
-Everything here is self-contained (it does not import ``experiments``) so that the
-benchmark measures exactly the models of SPEC §3:
-
-* MLP 3072-4000-1000-4000-10, ReLU, Nesterov SGD (momentum 0.95);
-* ConvNet conv5x5 3→16 SAME, ReLU, maxpool 2 → conv5x5 16→20, ReLU, maxpool 2 →
-  conv5x5 20→20, ReLU → Linear 1280→10, Adam.
-
-Only the hidden layers are ProxProp layers (``pp.Linear`` / ``pp.Conv``); the head is a
-plain ``nnx.Linear``. Mode ``"backprop"`` builds the same model from plain flax layers
-(``nnx.Linear`` / ``nnx.Conv``): the baseline every ratio is taken against.
+The models are those of the experiments (`experiments.models`), with the paper's settings
+(`experiments.config.paper_settings`): the MLP 3072-4000-1000-4000-10 with Nesterov SGD
+(momentum 0.95) and the ConvNet (conv5x5 3→16, 16→20, 20→20, SAME, ReLU, two max-pools, linear
+1280→10) with Adam. Only the hidden layers are ProxProp layers (``pp.Linear`` / ``pp.Conv``);
+the head is a plain ``nnx.Linear``. Mode ``"backprop"`` builds the same model from plain flax
+layers (``nnx.Linear`` / ``nnx.Conv``): the baseline every ratio is taken against.
 
 One training step is ``nnx.split`` / ``nnx.merge`` around a pure function compiled with
 ``jax.jit`` (flax's recommended pattern for fast NNX training loops; ``nnx.jit`` traces
@@ -22,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import statistics
 import time
@@ -34,88 +29,28 @@ import numpy as np
 import optax
 from flax import nnx
 
-import proxprop_jax as pp
+from experiments import config as config_lib
+from experiments import models
+from experiments import optimizers
 
-#: the paper's proximal step sizes (SPEC §3)
-TAU = {"mlp": 0.05, "convnet": 1.0}
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-def torch_uniform(fan_in: int | None = None):
-  """PyTorch's default init, uniform ±1/√fan_in (fan_in read off a kernel's shape)."""
-
-  def init(key, shape, dtype=jnp.float32):
-    n = fan_in if fan_in is not None else math.prod(shape[:-1])
-    return jax.random.uniform(key, shape, dtype, -1 / math.sqrt(n), 1 / math.sqrt(n))
-
-  return init
-
-
-def _linear(mode, tau, fan_in, fan_out, rngs, hidden=True):
-  kwargs = dict(kernel_init=torch_uniform(), bias_init=torch_uniform(fan_in), rngs=rngs)
-  if mode == "backprop" or not hidden:
-    return nnx.Linear(fan_in, fan_out, **kwargs)
-  return pp.Linear(fan_in, fan_out, mode=mode, tau_prox=tau, **kwargs)
-
-
-def _conv(mode, tau, cin, cout, rngs, size=5):
-  kwargs = dict(padding="SAME", kernel_init=torch_uniform(),
-                bias_init=torch_uniform(size * size * cin), rngs=rngs)
-  if mode == "backprop":
-    return nnx.Conv(cin, cout, (size, size), **kwargs)
-  return pp.Conv(cin, cout, (size, size), mode=mode, tau_prox=tau, **kwargs)
-
-
-class MLP(nnx.Module):
-  """``3072-hidden…-10`` with ReLU; the paper's hidden sizes are (4000, 1000, 4000)."""
-
-  def __init__(self, mode: str, tau: float, rngs: nnx.Rngs, hidden=(4000, 1000, 4000)):
-    sizes = (math.prod(INPUT_SHAPE), *hidden)
-    self.hidden = nnx.List([_linear(mode, tau, a, b, rngs) for a, b in zip(sizes, sizes[1:])])
-    self.head = _linear(mode, tau, sizes[-1], NUM_CLASSES, rngs, hidden=False)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    for layer in self.hidden:
-      x = nnx.relu(layer(x))
-    return self.head(x)
-
-
-class ConvNet(nnx.Module):
-  """The paper's ConvNet for 32×32×3 inputs."""
-
-  def __init__(self, mode: str, tau: float, rngs: nnx.Rngs):
-    self.conv1 = _conv(mode, tau, 3, 16, rngs)
-    self.conv2 = _conv(mode, tau, 16, 20, rngs)
-    self.conv3 = _conv(mode, tau, 20, 20, rngs)
-    self.head = _linear(mode, tau, 8 * 8 * 20, NUM_CLASSES, rngs, hidden=False)
-
-  def __call__(self, x):
-    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
-    x = nnx.relu(self.conv3(x))
-    return self.head(x.reshape(x.shape[0], -1))
-
-
 def build(model: str, mode: str, *, hidden=None, seed: int = 0):
-  """The model and its optimizer (MLP: Nesterov SGD 0.95; ConvNet: Adam)."""
-  rngs = nnx.Rngs(seed)
-  if model == "mlp":
-    net = MLP(mode, TAU["mlp"], rngs, **({} if hidden is None else {"hidden": tuple(hidden)}))
-    lr = 0.05 if mode == "backprop" else 1.0
-    tx = optax.sgd(lr, momentum=0.95, nesterov=True)
-  elif model == "convnet":
-    net = ConvNet(mode, TAU["convnet"], rngs)
-    tx = optax.adam(1e-3)
-  else:
-    raise ValueError(f"unknown model {model!r}; valid: mlp, convnet")
-  return net, nnx.Optimizer(net, tx, wrt=nnx.Param)
+  """The model and its optimizer with the paper's settings for (model, mode).
 
-
-def cross_entropy(logits, labels):
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+  Args:
+    model: ``"mlp"`` or ``"convnet"``.
+    mode: ``"backprop"`` or a ProxProp mode.
+    hidden: the MLP's hidden sizes (None: the paper's 4000, 1000, 4000).
+    seed: parameter init seed.
+  """
+  optimizer, lr, tau = config_lib.paper_settings(model, mode)
+  sizes = {} if hidden is None else {"hidden_sizes": tuple(hidden)}
+  net = models.build(model, mode=mode, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
+                     tau_prox=tau, seed=seed, **sizes)
+  return net, nnx.Optimizer(net, optimizers.make(optimizer, lr), wrt=nnx.Param)
 
 
 def synthetic_batch(batch_size: int, seed: int = 0, dtype=jnp.float32):
@@ -145,7 +80,7 @@ def compile_step(model: str, mode: str, x, y, *, hidden=None, seed: int = 0) -> 
 
   def train_step(state, x, y):
     net, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m(x), y))(net)
+    loss, grads = nnx.value_and_grad(lambda m: models.cross_entropy(m(x), y))(net)
     opt.update(net, grads)
     return nnx.state((net, opt)), loss
 

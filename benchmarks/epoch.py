@@ -6,10 +6,10 @@
 For every (model, mode): compiles the training step of `benchmarks.common`, puts
 ``samples`` random 32×32×3 images and labels on the device, runs one warm-up step,
 then one full epoch (``samples // batch_size`` steps, batches sliced on the device
-beforehand) and reports its wall time. From these it estimates how long the grid of
-SPEC §3 takes (50 epochs of each run: MLP BackProp, prox_exact, prox_cg3, prox_cg5,
-prox_cg10; ConvNet BackProp, prox_cg3, prox_cg10), training steps only (no evaluation,
-no data loading).
+beforehand) and reports its wall time. From these it estimates how long the paper's grid
+(`experiments.config.PAPER_GRID`, 50 epochs of each run: MLP BackProp, prox_exact, prox_cg3,
+prox_cg5, prox_cg10; ConvNet BackProp, prox_cg3, prox_cg10) takes, training steps only (no
+evaluation, no data loading).
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import time
 import jax
 
 from benchmarks import common
+from experiments import config as config_lib
 
 DEFAULT_MODES = {
     "mlp": ("backprop", "gradient", "prox_exact", "prox_cg1", "prox_cg3", "prox_cg5",
             "prox_cg10"),
     "convnet": ("backprop", "gradient", "prox_exact", "prox_cg1", "prox_cg3", "prox_cg10"),
 }
-#: SPEC §3: the runs of the paper's grid, 50 epochs each.
-PAPER_GRID = {"mlp": ("backprop", "prox_exact", "prox_cg3", "prox_cg5", "prox_cg10"),
-              "convnet": ("backprop", "prox_cg3", "prox_cg10")}
-PAPER_EPOCHS = 50
+PAPER_EPOCHS = 50  # of every run of the paper's grid
 
 
 def epoch_time(model: str, mode: str, xs, ys) -> dict:
@@ -80,10 +78,10 @@ def main(argv=None) -> int:
           f"| {r['compile_s']:.1f} |")
   times = {(r["model"], r["mode"]): r["epoch_s"] for r in rows}
   scale = 45000 / (steps * args.batch_size)
-  grid = [(m, mode) for m, modes in PAPER_GRID.items() for mode in modes]
+  grid = [(run.model, run.mode) for run in config_lib.PAPER_GRID]
   if all(k in times for k in grid):
     total = sum(times[k] for k in grid) * PAPER_EPOCHS * scale
-    print(f"\nthe paper's grid (SPEC §3: {len(grid)} runs x {PAPER_EPOCHS} epochs of 45 000 "
+    print(f"\nthe paper's grid ({len(grid)} runs x {PAPER_EPOCHS} epochs of 45 000 "
           f"samples, training steps only): {total / 60:.1f} min on this device")
   common.write_json(args.json, env, args, rows)
   return 0

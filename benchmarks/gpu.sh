@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The performance benchmarks on one GPU, in under 8 minutes:
-#   1. the step-time table of issue 5 (every mode vs plain-flax BackProp, batch 500);
+#   1. the step-time table (every mode vs plain-flax BackProp, batch 500);
 #   2. one epoch of CIFAR-shaped synthetic data (45 000 x 32 x 32 x 3) per mode and model,
-#      and from it the time of the paper's grid (SPEC section 3, 50 epochs per run).
+#      and from it the time of the paper's grid (50 epochs per run).
 # Needs jax with CUDA (pip install -e ".[cuda12]"). Writes Markdown and JSON to $OUT
 # (default benchmarks/out/) and prints both tables; paste them into benchmarks/RESULTS.md.
 #

@@ -27,7 +27,7 @@ from benchmarks import common
 
 DEFAULT_MODES = ("backprop", "gradient", "prox_exact", "prox_cg1", "prox_cg3", "prox_cg10")
 
-#: The reference PyTorch implementation on a 2-core CPU (issue 5), ratio to BackProp.
+#: The reference PyTorch implementation measured on a 2-core CPU, ratio to BackProp.
 REFERENCE = {
     "mlp": {"gradient": 2.9, "prox_cg1": 5.6, "prox_cg3": 9.5, "prox_cg10": 21.6,
             "prox_exact": 8.4},
@@ -36,7 +36,7 @@ REFERENCE = {
 
 
 def target(model: str, mode: str) -> float | None:
-  """The issue's CPU target for the ratio to BackProp (None: no target)."""
+  """This project's CPU target for the ratio to BackProp (None: no target)."""
   if mode == "backprop":
     return None
   if mode == "gradient":

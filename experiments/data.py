@@ -7,9 +7,12 @@ float32) to keep in host memory, which makes the data order a pure function of (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
+import logging
 import os
+import re
 
 import numpy as np
 
@@ -62,18 +65,45 @@ def load_cifar10(data_dir: str | None = None) -> dict:
             "test": "test"}
   try:
     # download=False: without prepared data tfds would otherwise retry downloads for minutes.
-    sources = tfds.data_source("cifar10", split=splits, data_dir=data_dir, download=False)
+    with _quiet_about_missing_folders():
+      sources = tfds.data_source("cifar10", split=splits, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises various types here; all mean "not usable as prepared"
     shown_dir = data_dir or tfds.core.constants.DATA_DIR
     # Something is there but unusable (e.g. prepared by tfds.load as TFRecord): say what.
     found = glob.glob(os.path.join(shown_dir, "cifar10", "*", "dataset_info.json"))
     detail = f"\n(tfds found {found[0]} but said: {type(e).__name__}: {e})" if found else ""
     raise DataNotPreparedError(PREPARE_HELP.format(data_dir=shown_dir, detail=detail)) from e
-  return {name: _to_arrays([source[i] for i in range(len(source))])
+  return {name: _to_arrays(source, f"decoding CIFAR-10 {name}")
           for name, source in sources.items()}
 
 
-def _to_arrays(examples) -> tuple[np.ndarray, np.ndarray]:
+class _MissingFolderFilter(logging.Filter):
+  """Drops tfds' "Variant folder X has no dataset_info.json" warning when X does not exist.
+
+  Without prepared data that warning comes before our own message and says nothing more; for
+  a folder that exists (something unusable is there) it is kept.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    found = re.match(r"Variant folder (.+) has no dataset_info\.json", record.getMessage())
+    return not (found and not os.path.isdir(found.group(1)))
+
+
+@contextlib.contextmanager
+def _quiet_about_missing_folders():
+  logger, log_filter = logging.getLogger("absl"), _MissingFolderFilter()
+  logger.addFilter(log_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(log_filter)
+
+
+def _to_arrays(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  # A progress bar on a terminal only (disable=None): decoding 60k PNGs takes a while.
+  examples = [source[i] for i in tqdm(range(len(source)), desc, leave=False, disable=None)]
   images = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 255.0
   labels = np.asarray([ex["label"] for ex in examples], dtype=np.int32)
   return images, labels

@@ -3,35 +3,30 @@ r"""Runs the paper's grid of experiments, then draws its figures and a results t
     python -m experiments.paper --out runs/digits --dataset digits   # offline, CPU
     python -m experiments.paper --out runs/cifar10 --data-dir ~/tensorflow_datasets
 
-Each run trains in ``OUT/<run name>`` (see ``experiments/train.py``). Finished runs are skipped
-and unfinished ones resume from their last checkpoint, so an interrupted grid continues where
-it stopped. Writes ``OUT/figures.png``, ``OUT/figures.pdf`` and ``OUT/results.md``.
+Each run trains in ``OUT/<run name>`` (see ``experiments/train.py``). Running the command again
+continues the grid: an unfinished run resumes from its last checkpoint, a finished one with
+fewer epochs than ``--epochs`` is extended, one with as many is kept. A run folder holding
+more epochs or other settings is reported and left as it is; a run that diverges is recorded
+and the grid goes on. ``OUT/figures.png``, ``OUT/figures.pdf`` and ``OUT/results.md`` then
+describe every finished run in ``OUT``, each with its own number of epochs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
 
-from experiments import cifar
-from experiments import data as data_lib
+from experiments import cli
+from experiments import config as config_lib
 from experiments import plots
+from experiments import records
 from experiments import train
 
-# The paper's settings (SPEC section 3): (run name, label, model, mode, optimizer, lr, tau).
-GRID = [
-    ("mlp_backprop", "BackProp", "mlp", "backprop", "nesterov", 0.05, 1.0),
-    ("mlp_prox_exact", "ProxProp (exact)", "mlp", "prox_exact", "nesterov", 1.0, 0.05),
-    ("mlp_prox_cg3", "ProxProp (cg3)", "mlp", "prox_cg3", "nesterov", 1.0, 0.05),
-    ("mlp_prox_cg5", "ProxProp (cg5)", "mlp", "prox_cg5", "nesterov", 1.0, 0.05),
-    ("mlp_prox_cg10", "ProxProp (cg10)", "mlp", "prox_cg10", "nesterov", 1.0, 0.05),
-    ("convnet_backprop", "BackProp", "convnet", "backprop", "adam", 1e-3, 1.0),
-    ("convnet_prox_cg3", "ProxProp (cg3)", "convnet", "prox_cg3", "adam", 1e-3, 1.0),
-    ("convnet_prox_cg10", "ProxProp (cg10)", "convnet", "prox_cg10", "adam", 1e-3, 1.0),
-]
+SHARED_FLAGS = ("dataset", "epochs", "batch_size", "train_samples", "data_dir", "seed",
+                "parallel", "keep_checkpoints", "quiet")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -39,72 +34,128 @@ def make_parser() -> argparse.ArgumentParser:
       prog="python -m experiments.paper", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--out", required=True, help="folder of the grid's runs and figures")
-  parser.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10",
-                      help="digits: sklearn's real 8x8 digits, offline")
-  parser.add_argument("--epochs", type=cifar.positive(int), default=50,
-                      help="training epochs of every run")
-  parser.add_argument("--only", choices=("mlp", "convnet"), default=None,
-                      help="run only this model's part of the grid")
-  parser.add_argument("--data-dir", default=None,
-                      help="tfds data dir holding prepared CIFAR-10; None: tfds' default")
-  parser.add_argument("--train-samples", type=cifar.positive(int), default=None,
-                      help="use only the first N training examples; None: all")
-  parser.add_argument("--batch-size", type=cifar.positive(int), default=500,
-                      help="mini-batch size (the paper's: 500)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of every run")
-  parser.add_argument("--parallel", choices=("auto", "none", "pmap", "sharded"), default="auto",
-                      help="auto: sharded when several devices are present")
-  parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  parser.add_argument("--only", choices=tuple(dict.fromkeys(r.model for r in
+                                                            config_lib.PAPER_GRID)),
+                      default=None, help="run only this model's part of the grid")
+  config_lib.add_flags(parser, SHARED_FLAGS)
   return parser
 
 
-def run_config(args, name, model, mode, optimizer, lr, tau) -> dict:
-  """One grid run's settings, in the form ``experiments.cifar`` passes to ``train.run``."""
-  return dict(model=model, mode=mode, optimizer=optimizer, lr=lr, tau_prox=tau, momentum=0.95,
-              epochs=args.epochs, batch_size=args.batch_size, train_samples=args.train_samples,
-              dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
-              out=os.path.join(args.out, name), parallel=args.parallel, resume=True,
-              quiet=args.quiet)
+def run_config(base: config_lib.RunConfig, out: str, run: config_lib.PaperRun):
+  """One grid run's `RunConfig`: the shared flags with the run's own settings."""
+  return dataclasses.replace(base, model=run.model, mode=run.mode, optimizer=run.optimizer,
+                             lr=run.lr, tau_prox=run.tau_prox, out=os.path.join(out, run.name),
+                             resume=True)
 
 
-def is_finished(run_dir: str, epochs: int) -> bool:
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f)["epochs"] >= epochs
+def plan(config) -> tuple[bool, str]:
+  """Whether the grid trains this run now, and what it says about it."""
+  state = records.run_state(config.out)
+  if state.status == "new":
+    return True, "starting"
+  if state.config is None:
+    return False, "holds a summary.json but no config.json; not reused, left as it is"
+  changed = records.settings_differ({**config_lib.DEFAULTS, **state.config}, config,
+                                    config_lib.RESUME_KEYS)
+  if changed:
+    return False, (f"holds a run with other settings (setting: (run, grid)): {changed}; not "
+                   f"reused, reported as it is (move it away to rerun it)")
+  if state.status == "diverged":
+    return False, f"diverged at epoch {state.summary['diverged_epoch']} before; recorded as such"
+  if state.status == "started":
+    return True, f"resuming after epoch {state.epochs}"
+  done = state.summary["epochs"]
+  if done < config.epochs:
+    return True, f"finished with {done} epochs; extending to {config.epochs}"
+  if done > config.epochs:
+    return False, (f"finished with {done} epochs, more than --epochs {config.epochs}; not "
+                   f"shortened, reported with its {done} epochs")
+  return False, "finished, kept"
 
 
-def main(argv=None) -> None:
-  args = make_parser().parse_args(argv)
-  grid = [g for g in GRID if args.only in (None, g[2])]
-  start = time.perf_counter()
-  for name, label, *settings in grid:
-    config = run_config(args, name, *settings)
-    if is_finished(config["out"], args.epochs):
-      print(f"== {name}: finished, skipped")
-      continue
-    print(f"== {name}: {label}, " + ", ".join(f"{k}={config[k]}" for k in
-                                             ("model", "mode", "optimizer", "lr", "tau_prox")))
-    try:
-      train.run(config)
-    except (data_lib.DataNotPreparedError, train.RunDirError) as e:
-      sys.exit(f"error: {e}")
-  print(f"grid done in {time.perf_counter() - start:.0f} s")
+def finished_runs(out: str, grid) -> list[dict]:
+  """Every finished (or diverged) run in ``out``: the grid's in grid order, then any other."""
+  names = [r.name for r in grid]
+  others = sorted(n for n in os.listdir(out) if n not in names) if os.path.isdir(out) else []
+  runs = []
+  for name in names + others:
+    run_dir = os.path.join(out, name)
+    state = records.run_state(run_dir)
+    if state.status in ("finished", "diverged") and state.config is not None:
+      runs.append(plots.load_run(run_dir, plots.method_label(state.config["mode"])))
+  return runs
 
-  runs = [plots.load_run(os.path.join(args.out, name), label) for name, label, *_ in grid]
-  by_model = {m: [r for r, g in zip(runs, grid) if g[2] == m] for m in ("mlp", "convnet")}
-  fig = plots.paper_figure(by_model, title=f"ProxProp vs BackProp on {args.dataset} "
-                           f"(batch {args.batch_size}, {args.epochs} epochs)")
+
+def write_results(out: str, runs: list[dict]):
+  """Writes ``figures.png``/``.pdf`` (one row per model) and ``results.md`` (one table per
+  model); returns the figure."""
+  order = [r.model for r in config_lib.PAPER_GRID]
+  by_model = {}
+  for run in sorted(runs, key=lambda r: (order.index(r["config"]["model"])
+                                         if r["config"]["model"] in order else len(order))):
+    by_model.setdefault(run["config"]["model"], []).append(run)
+  for model_runs in by_model.values():  # the same method twice in a row: name the folders
+    labels = [r["label"] for r in model_runs]
+    for run in model_runs:
+      if labels.count(run["label"]) > 1:
+        run["label"] += f" ({os.path.basename(run['dir'])})"
+  legends = {}
+  for model, model_runs in by_model.items():  # epochs differ in a row: the legend says so
+    differ = len({len(r["metrics"]) for r in model_runs}) > 1
+    legends[model] = [dict(r, label=f"{r['label']}, {len(r['metrics'])} epochs") if differ
+                      else r for r in model_runs]
+  fig = plots.paper_figure(legends, title=f"ProxProp paper grid: {plots.describe_runs(runs)}")
   for ext in ("png", "pdf"):
-    fig.savefig(os.path.join(args.out, f"figures.{ext}"), dpi=120)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    for model, model_runs in by_model.items():
-      if model_runs:
-        f.write(f"### {plots.MODEL_TITLES[model]} ({args.dataset})\n\n")
-        f.write(plots.results_table(model_runs) + "\n")
-  print(f"wrote {args.out}/figures.png, figures.pdf, results.md")
+    fig.savefig(os.path.join(out, f"figures.{ext}"), dpi=120)
+  text = "".join(f"### {plots.MODEL_TITLES.get(model, model)} "
+                 f"({', '.join(sorted({r['config']['dataset'] for r in model_runs}))})\n\n"
+                 f"{plots.results_table(model_runs)}\n" for model, model_runs in by_model.items())
+  records.write_text(os.path.join(out, "results.md"), text)
+  return fig
+
+
+def run_grid(base: config_lib.RunConfig, out: str, grid) -> None:
+  """Trains what `plan` says for each run of ``grid``."""
+  start = time.perf_counter()
+  diverged = []
+  for run in grid:
+    config = run_config(base, out, run)
+    train_now, what = plan(config)
+    print(f"== {run.name}: {plots.method_label(run.mode)}, {what}")
+    if train_now:
+      summary = train.run(config)
+      if summary.get("diverged"):
+        diverged.append(run.name)
+  print(f"grid done in {time.perf_counter() - start:.0f} s"
+        + (f"; diverged: {', '.join(diverged)}" if diverged else ""))
+
+
+def main(argv=None, grid=config_lib.PAPER_GRID) -> list[dict]:
+  """Runs ``python -m experiments.paper``; returns the finished runs it describes.
+
+  Args:
+    argv: the command-line arguments (None: ``sys.argv[1:]``).
+    grid: the runs (`config.PaperRun`); the paper's by default.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = make_parser()
+  base, args = config_lib.parse(parser, argv)
+  chosen = [r for r in grid if args.only in (None, r.model)]
+
+  def interrupted():
+    return (f"interrupted: finished runs and epochs are saved in {args.out}; continue with: "
+            f"{cli.command('experiments.paper', argv)}")
+
+  cli.run(lambda: run_grid(base, args.out, chosen), interrupted)
+  runs = finished_runs(args.out, grid)  # all of them, not only those of --only
+  if not runs:
+    print(f"no finished run in {args.out}: nothing to draw")
+    return runs
+  write_results(args.out, runs)
+  print(f"wrote {args.out}/figures.png, figures.pdf, results.md "
+        f"({len(runs)} runs: {plots.describe_runs(runs)})")
+  return runs
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(main)

@@ -1,113 +1,191 @@
-"""Figures and tables from run folders (the files ``experiments.train`` writes)."""
+"""Figures and tables from run folders (the files ``experiments.train`` writes).
+
+Every figure has the same four panels per row, in this order: training loss vs epochs, training
+loss vs time, validation error vs epochs, validation error vs time. Validation error
+(1 - accuracy) is drawn on a log axis, so runs at 97% and 98% accuracy stay apart. A method
+(``mode``) keeps one colour in every panel of a figure.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-
 from typing import NamedTuple
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: works without a display or a GUI backend
+
+from experiments import records
 
 
 class Metric(NamedTuple):
   key: str  # field of metrics.jsonl
   label: str  # axis label
   short: str  # in panel titles
-  log: bool  # log-scale axis
 
 
-LOSS = Metric("full_batch_loss", "full-batch training loss", "training loss", True)
-VAL_ACC = Metric("val_acc", "validation accuracy", "validation accuracy", False)
+LOSS = Metric("full_batch_loss", "full-batch training loss", "training loss")
+VAL_ERROR = Metric("val_acc", "validation error (1 - accuracy)", "validation error")
+PANELS = [(LOSS, "epochs"), (LOSS, "time"), (VAL_ERROR, "epochs"), (VAL_ERROR, "time")]
+MODEL_TITLES = {"mlp": "MLP", "convnet": "ConvNet"}
+# Methods in the order legends and colours follow; other modes come after, sorted.
+METHOD_ORDER = ("backprop", "gradient", "prox_exact", "prox_cg1", "prox_cg3", "prox_cg5",
+                "prox_cg10")
 
 
 def load_run(run_dir: str, label: str | None = None) -> dict:
-  """Reads one run folder: its config, per-epoch metrics and (if finished) summary."""
+  """Reads one run folder: its config, per-epoch metrics (maybe none yet) and summary.
 
-  def read_json(name):
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    metrics = [json.loads(line) for line in f if line.strip()]
-  return dict(label=label or os.path.basename(os.path.normpath(run_dir)), dir=run_dir,
-              config=read_json("config.json"), summary=read_json("summary.json"),
-              metrics=metrics)
+  Args:
+    run_dir: a folder written by ``experiments.cifar``.
+    label: its legend label; None: `run_label` of its config (the folder name without one).
+  """
+  config = records.read_json(os.path.join(run_dir, records.CONFIG))
+  if label is None:
+    label = run_label(config) if config else os.path.basename(os.path.normpath(run_dir))
+  return dict(label=label, dir=run_dir, config=config,
+              summary=records.read_json(os.path.join(run_dir, records.SUMMARY)),
+              metrics=records.read_jsonl(os.path.join(run_dir, records.METRICS)))
 
 
-def _series(run, key, versus):
+def method_label(mode: str) -> str:
+  """``BackProp``, ``ProxProp (exact)``, ``ProxProp (cg3)``, ``ProxProp (gradient)``."""
+  if mode == "backprop":
+    return "BackProp"
+  return f"ProxProp ({mode.removeprefix('prox_')})"
+
+
+def run_label(config: dict) -> str:
+  """Model, mode, tau (ProxProp only), optimizer and learning rate of a run's config."""
+  tau = "" if config["mode"] == "backprop" else f" τ={config['tau_prox']:g}"
+  return f"{config['model']} {config['mode']}{tau} {config['optimizer']} lr={config['lr']:g}"
+
+
+def legend_label(run: dict) -> str:
+  """The run's label, and where it diverged if it did."""
+  summary = run["summary"] or {}
+  if summary.get("diverged"):
+    return f"{run['label']} (diverged at epoch {summary['diverged_epoch']})"
+  return run["label"]
+
+
+def method_of(run: dict) -> str:
+  """The run's mode (its folder name when it has no config)."""
+  return run["config"]["mode"] if run["config"] else run["label"]
+
+
+def colours(keys) -> dict:
+  """One colour per key (a method), in `METHOD_ORDER`, the same in every panel."""
+  ordered = sorted(set(keys), key=lambda k: (METHOD_ORDER.index(k) if k in METHOD_ORDER
+                                             else len(METHOD_ORDER), k))
+  palette = colormaps["tab10"].colors
+  return {k: palette[i % len(palette)] for i, k in enumerate(ordered)}
+
+
+def _series(run, metric: Metric, versus: str):
   metrics = run["metrics"]
   if versus == "epochs":
     x = [m["epoch"] for m in metrics]
   else:  # training time only, as the paper plots it
     x = np.cumsum([m["epoch_time_s"] for m in metrics])
-  return x, [m[key] for m in metrics]
+  y = [m[metric.key] for m in metrics]
+  if metric is VAL_ERROR:
+    y = [1.0 - v for v in y]
+  return x, y
 
 
-def _panel(ax, runs, metric: Metric, versus: str, title: str):
+def _panel(ax, runs, metric: Metric, versus: str, title: str, colour_of: dict, key_of):
   for run in runs:
-    ax.plot(*_series(run, metric.key, versus), label=run["label"])
+    if run["metrics"]:
+      ax.plot(*_series(run, metric, versus), label=legend_label(run),
+              color=colour_of[key_of(run)])
   ax.set_xlabel("epoch" if versus == "epochs" else "training time [s]")
   ax.set_ylabel(metric.label)
-  if metric.log:
-    ax.set_yscale("log")
+  # An error of 0 has no place on a log axis: leave that point out rather than squash the axis.
+  ax.set_yscale("log", nonpositive="mask")
   ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize="small")
+  ax.grid(True, which="both", alpha=0.3)
+  if ax.get_lines():
+    ax.legend(fontsize="small")
 
 
-# The paper's panels per model: (metric, versus).
-PAPER_PANELS = {
-    "mlp": [(LOSS, "epochs"), (LOSS, "time"), (VAL_ACC, "epochs")],
-    "convnet": [(LOSS, "epochs"), (VAL_ACC, "epochs"), (LOSS, "time"), (VAL_ACC, "time")],
-}
-MODEL_TITLES = {"mlp": "MLP", "convnet": "ConvNet"}
+def _rows_figure(rows, key_of, title: str) -> Figure:
+  """One row of `PANELS` per ``(row title, runs)``, colours by ``key_of(run)``."""
+  colour_of = colours(key_of(r) for _, runs in rows for r in runs)
+  fig = Figure(figsize=(4.2 * len(PANELS), 3.6 * len(rows)), layout="constrained")
+  grid = fig.add_gridspec(len(rows), len(PANELS))
+  for r, (row_title, runs) in enumerate(rows):
+    for c, (metric, versus) in enumerate(PANELS):
+      prefix = f"{row_title}: " if row_title else ""
+      _panel(fig.add_subplot(grid[r, c]), runs, metric, versus,
+             f"{prefix}{metric.short} vs {versus}", colour_of, key_of)
+  if title:
+    fig.suptitle(title)
+  return fig
 
 
 def paper_figure(runs_by_model: dict, title: str = "") -> Figure:
-  """The paper's figure: one row per model (MLP: 3 panels, ConvNet: 4 panels).
+  """The paper's figure: one row of the four panels per model, one colour per method.
 
   Args:
     runs_by_model: ``{"mlp": [run, ...], "convnet": [run, ...]}`` (runs from `load_run`);
       models without runs are left out.
     title: figure title.
   """
-  rows = [(m, runs) for m, runs in runs_by_model.items() if runs]
-  columns = max(len(PAPER_PANELS[m]) for m, _ in rows)
-  fig = Figure(figsize=(4.2 * columns, 3.6 * len(rows)), layout="constrained")
-  grid = fig.add_gridspec(len(rows), columns)
-  for r, (model, runs) in enumerate(rows):
-    for c, (metric, versus) in enumerate(PAPER_PANELS[model]):
-      _panel(fig.add_subplot(grid[r, c]), runs, metric, versus,
-             f"{MODEL_TITLES[model]}: {metric.short} vs {versus}")
-  if title:
-    fig.suptitle(title)
-  return fig
+  rows = [(MODEL_TITLES.get(m, m), runs) for m, runs in runs_by_model.items() if runs]
+  return _rows_figure(rows, method_of, title)
 
 
-def runs_figure(runs: list) -> Figure:
-  """Any set of runs: full-batch loss and validation accuracy, vs epochs and vs time."""
-  fig = Figure(figsize=(16.8, 3.6), layout="constrained")
-  for i, (metric, versus) in enumerate(
-      [(LOSS, "epochs"), (LOSS, "time"), (VAL_ACC, "epochs"), (VAL_ACC, "time")]):
-    _panel(fig.add_subplot(1, 4, i + 1), runs, metric, versus, f"{metric.short} vs {versus}")
-  return fig
+def runs_figure(runs: list, title: str = "") -> Figure:
+  """Any set of runs in one row of the four panels, one colour per run."""
+  return _rows_figure([("", runs)], lambda run: run["label"], title)
+
+
+def describe_runs(runs: list) -> str:
+  """What a set of runs has in common, for a title: dataset, batch size, epochs.
+
+  Says only what the runs show: a setting that differs between them is named as differing.
+  """
+  configs = [r["config"] for r in runs if r["config"]]
+  parts = []
+  for key, fmt in (("dataset", "{}"), ("batch_size", "batch {}")):
+    values = sorted({str(c[key]) for c in configs})
+    parts.append(fmt.format(values[0]) if len(values) == 1 else
+                 f"{key.replace('_', ' ')}s {', '.join(values)}")
+  epochs = sorted({len(r["metrics"]) for r in runs})
+  parts.append(f"{epochs[0]} epochs" if len(epochs) == 1 else
+               f"{epochs[0]}-{epochs[-1]} epochs (per run: see the table)")
+  return ", ".join(parts)
+
+
+def mixed_settings(runs: list) -> list[str]:
+  """Warnings for runs that should not share axes: different models or datasets."""
+  out = []
+  for key in ("model", "dataset"):
+    values = sorted({r["config"][key] for r in runs if r["config"]})
+    if len(values) > 1:
+      out.append(f"these runs mix {key}s ({', '.join(values)}): their curves are not "
+                 f"comparable")
+  return out
 
 
 def results_table(runs: list) -> str:
-  """Markdown table: final full-batch loss, best/final validation accuracy, test accuracy and
-  mean epoch time (training steps only) of each run."""
+  """Markdown table: epochs, final full-batch loss, best/final validation accuracy, test
+  accuracy and mean epoch time (training steps only) of each run; a diverged run says in
+  which epoch, one without a finished epoch shows dashes."""
   lines = ["| run | epochs | final full-batch loss | best val acc | final val acc | test acc "
            "| mean epoch time (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
   for run in runs:
-    m, s = run["metrics"], run["summary"]
-    test = f"{s['test_acc']:.4f}" if s else "–"
-    lines.append(
-        f"| {run['label']} | {len(m)} | {m[-1]['full_batch_loss']:.4f} "
-        f"| {max(e['val_acc'] for e in m):.4f} | {m[-1]['val_acc']:.4f} | {test} "
-        f"| {np.mean([e['epoch_time_s'] for e in m]):.3f} |")
+    m, s = run["metrics"], run["summary"] or {}
+    if s.get("diverged"):
+      test = f"diverged at epoch {s['diverged_epoch']}"
+    else:
+      test = f"{s['test_acc']:.4f}" if s.get("test_acc") is not None else "–"
+    if m:
+      cells = (f"{m[-1]['full_batch_loss']:.4f} | {max(e['val_acc'] for e in m):.4f} "
+               f"| {m[-1]['val_acc']:.4f} | {test} "
+               f"| {np.mean([e['epoch_time_s'] for e in m]):.3f}")
+    else:
+      cells = f"– | – | – | {test} | –"
+    lines.append(f"| {run['label']} | {len(m)} | {cells} |")
   return "\n".join(lines) + "\n"

@@ -1,21 +1,23 @@
 """Training loop of the paper's experiments: one jitted step, per-epoch metrics, checkpoints.
 
-``run(config)`` trains one model and writes, in ``config["out"]``:
+``run(config)`` trains one model as a `RunConfig` says and writes, in ``config.out``:
 
-- ``config.json``: the run's settings;
+- ``config.json``: the run's settings and the versions of the software that ran it;
 - ``metrics.jsonl``: one JSON object per epoch (epoch, minibatch_avg_loss: the mean of the
   epoch's mini-batch losses, full_batch_loss, full_batch_acc, val_loss, val_acc, epoch_time_s);
-- ``summary.json``: test_loss, test_acc, train_time_s, steps_per_s, device;
-- ``checkpoints/``: orbax checkpoints of model, optimizer and metrics so far, every epoch.
+- ``summary.json``, once finished: test_loss, test_acc, train_time_s, steps_per_s, device,
+  epochs, diverged (and diverged_epoch when it did);
+- ``checkpoints/``: orbax checkpoints of model, optimizer and metrics so far, after every epoch
+  (the last ``keep_checkpoints`` are kept).
 
 Epoch times count training steps only: evaluation and checkpointing are excluded, and the step
-is compiled before the first epoch's clock starts.
+is compiled before the first epoch's clock starts. A run whose loss or parameters become
+non-finite stops in that epoch (nothing of it is saved) and records that it diverged.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -23,32 +25,21 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models
+from experiments import optimizers
+from experiments import records
 
 EVAL_BATCH = 1000
-# Settings that must match for --resume to continue a run (epochs may grow).
-RESUME_KEYS = ("model", "mode", "optimizer", "lr", "tau_prox", "momentum", "batch_size",
-               "train_samples", "dataset", "seed")
 
 
 class RunDirError(Exception):
-  """``--out`` holds a run that this one may not continue or overwrite."""
-
-
-@functools.cache  # the optimizer keeps it as a static attribute; see `train_step`
-def make_optimizer(name: str, lr: float, momentum: float) -> optax.GradientTransformation:
-  """The paper's optimizers; optax's Nesterov SGD matches PyTorch's ``SGD(nesterov=True)``."""
-  if name == "adam":
-    return optax.adam(lr)
-  if name == "nesterov":
-    return optax.sgd(lr, momentum=momentum, nesterov=True)
-  raise ValueError(f"unknown optimizer {name!r}; valid: adam, nesterov")
+  """``--out`` holds something this run may not continue or overwrite."""
 
 
 def make_train_step(axis_name: str | None = None):
@@ -85,6 +76,13 @@ def eval_batch(model, images, labels, weights):
   losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return jnp.sum(losses * weights), jnp.sum(correct * weights)
+
+
+@nnx.jit
+def params_are_finite(model):
+  """True when no parameter of ``model`` holds a NaN or an infinity."""
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in leaves]))
 
 
 class Devices:
@@ -128,7 +126,7 @@ class Devices:
       self.parallel.replicate((model, optimizer), self.mesh)
 
   def train_step(self):
-    """The compiled training step for these devices."""
+    """The training step for these devices (compiled on its first call)."""
     if self.kind == "sharded":
       return self.parallel.make_sharded_step(make_train_step(), self.mesh)
     if self.kind == "pmap":
@@ -156,23 +154,12 @@ def evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
   return loss_sum / len(labels), correct / len(labels)
 
 
-def _write_json(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-
-
-def _write_metrics(path, metrics):
-  with open(path, "w") as f:
-    for m in metrics:
-      f.write(json.dumps(m) + "\n")
-
-
-def _checkpoint_manager(out: str) -> ocp.CheckpointManager:
+def checkpoint_manager(out: str, keep: int = 2) -> ocp.CheckpointManager:
+  """The run's checkpoints: the latest ``keep`` are kept."""
   # Synchronous saves: an epoch's checkpoint is complete on disk before the next epoch starts,
   # and orbax writes each one to a temporary folder first, so a kill never leaves a broken one.
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")),
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(out, records.CHECKPOINTS)),
                                options=options)
 
 
@@ -185,11 +172,21 @@ def _restore(manager, model, optimizer) -> dict:
   return restored["meta"]
 
 
-def build(config: dict, input_shape, axis_name: str | None = None):
-  """The run's model and optimizer, freshly initialized from ``config["seed"]``."""
-  model = models.build(config["model"], mode=config["mode"], input_shape=input_shape,
-                       tau_prox=config["tau_prox"], axis_name=axis_name, seed=config["seed"])
-  tx = make_optimizer(config["optimizer"], config["lr"], config["momentum"])
+def build(config, input_shape, axis_name: str | None = None):
+  """The run's model and optimizer, freshly initialized from ``config.seed``.
+
+  Args:
+    config: a `RunConfig`, or a run's ``config.json`` as a dict.
+    input_shape: one example's shape.
+    axis_name: the ``pmap`` axis of the ProxProp layers.
+  """
+  if isinstance(config, dict):
+    config = config_lib.RunConfig(**{k: v for k, v in config.items()
+                                     if k in config_lib.FIELDS})
+  model = models.build(config.model, mode=config.mode, input_shape=input_shape,
+                       tau_prox=config.tau_prox, axis_name=axis_name, seed=config.seed)
+  tx = optimizers.make(config.optimizer, config.lr, momentum=config.momentum,
+                       weight_decay=config.weight_decay)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -198,72 +195,113 @@ def load_model(run_dir: str, input_shape) -> tuple[nnx.Module, dict]:
 
   Args:
     run_dir: a run's ``--out`` folder.
-    input_shape: one example's ``(height, width, channels)``.
+    input_shape: one example's shape, e.g. ``(height, width, channels)``.
   """
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  model, optimizer = build(config, input_shape)
-  with _checkpoint_manager(run_dir) as manager:
+  model, optimizer = build(records.read_json(os.path.join(run_dir, records.CONFIG)), input_shape)
+  with checkpoint_manager(run_dir) as manager:
     meta = _restore(manager, model, optimizer)
   return model, meta
 
 
-def _warm_up(step, model, optimizer, batches):
-  """Compiles the step for each batch shape on throwaway copies, so epoch times exclude it."""
-  for batch in batches:
-    jax.block_until_ready(step(*nnx.clone((model, optimizer)), *batch))
+# ------------------------------------------------------------------------ the run, step by step
 
 
-def run(config: dict) -> dict:
-  """Trains one model as ``config`` says; returns the summary (also written to summary.json).
+def check_run_dir(config) -> records.RunState:
+  """Refuses an ``--out`` this run may not use, before anything slow happens.
 
-  ``config`` holds the CLI's settings: model, mode, optimizer, lr, tau_prox, momentum, epochs,
-  batch_size, train_samples (None: all), dataset, data_dir, seed, out, parallel, resume, quiet.
+  Without ``--resume`` the folder must be new or empty; with it, a run there must have the
+  same settings (`RESUME_KEYS`; ``epochs`` may grow).
+
+  Raises:
+    RunDirError: saying what is there and what to do.
   """
-  out, is_writer = config["out"], jax.process_index() == 0
-  devices = Devices(config["parallel"])
-  splits = data_lib.load(config["dataset"], data_dir=config["data_dir"], seed=config["seed"])
-  train_x, train_y = splits["train"]
-  if config["train_samples"] is not None:
-    train_x, train_y = train_x[:config["train_samples"]], train_y[:config["train_samples"]]
-
-  model, optimizer = build(config, train_x.shape[1:], devices.axis_name)
-  devices.place(model, optimizer)
-  step = devices.train_step()
-
-  manager = _checkpoint_manager(out)
-  metrics, start_epoch = [], 1
-  if manager.latest_step() is not None:
-    if not config["resume"]:
-      raise RunDirError(f"{out} already holds checkpoints of a run: pass --resume to "
-                        f"continue it, or choose another --out")
-    meta = _restore(manager, model, optimizer)
-    changed = {k: (meta["config"].get(k), config[k]) for k in RESUME_KEYS
-               if meta["config"].get(k) != config[k]}
+  out, state = config.out, records.run_state(config.out)
+  if not config.resume:
+    if os.path.isdir(out) and os.listdir(out):
+      what = "a run" if state.status != "new" else "files"
+      raise RunDirError(f"{out} already holds {what}: pass --resume to continue it, or choose "
+                        f"another --out")
+    return state
+  if state.config is not None:
+    # A setting missing from an older config.json had its default then.
+    saved = {**config_lib.DEFAULTS, **state.config}
+    changed = records.settings_differ(saved, config, config_lib.RESUME_KEYS)
     if changed:
       raise RunDirError(f"--resume with other settings than the run in {out} "
-                        f"(setting: (checkpoint, now)): {changed}")
-    metrics, start_epoch = meta["metrics"], meta["epoch"] + 1
+                        f"(setting: (run, now)): {changed}")
+  return state
+
+
+def is_done(config, state: records.RunState) -> bool:
+  """Whether the run in ``config.out`` has nothing left to do (finished or diverged)."""
+  return state.status == "diverged" or (state.status == "finished"
+                                        and state.summary["epochs"] >= config.epochs)
+
+
+def load_data(config) -> dict:
+  """The run's splits; ``train`` cut to ``config.train_samples`` when given."""
+  splits = data_lib.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+  if config.train_samples is not None:
+    splits["train"] = tuple(a[:config.train_samples] for a in splits["train"])
+  return splits
+
+
+def describe(config, splits, devices: Devices) -> str:
+  """The first line a run prints: what trains, on what, with what data, into which folder."""
+  tau = "" if config.mode == "backprop" else f", tau {config.tau_prox:g}"
+  sizes = " / ".join(f"{len(splits[s][1])} {s}" for s in ("train", "val", "test"))
+  return (f"{config.model} {config.mode}{tau}, {config.optimizer} lr {config.lr:g} | "
+          f"{config.dataset}: {sizes} | {devices.describe()} | {config.out}")
+
+
+def restore_or_start(manager, model, optimizer, config, is_writer: bool) -> list[dict]:
+  """Restores the latest checkpoint (if any) and (re)writes the run's files to match it.
+
+  Returns:
+    the metrics of the epochs done so far.
+  """
+  metrics = []
+  if manager.latest_step() is not None:
+    metrics = _restore(manager, model, optimizer)["metrics"]
   if is_writer:
-    os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, "config.json"), config)
-    # Rewritten from the checkpoint: drops any epoch logged after the last checkpoint.
-    _write_metrics(os.path.join(out, "metrics.jsonl"), metrics)
+    os.makedirs(config.out, exist_ok=True)
+    records.write_config(config.out, config)
+    # From the checkpoint: drops an epoch logged after the last checkpoint, if any.
+    records.write_jsonl(os.path.join(config.out, records.METRICS), metrics)
+    if os.path.exists(os.path.join(config.out, records.SUMMARY)):
+      # Extended: it is unfinished until the new last epoch.
+      os.remove(os.path.join(config.out, records.SUMMARY))
+  return metrics
 
-  batch_size = min(config["batch_size"], len(train_y))
-  batch_sizes = [len(b) for b in data_lib.batches(np.arange(len(train_y)), batch_size,
-                                                  devices.count)]
-  if start_epoch <= config["epochs"]:
-    _warm_up(step, model, optimizer,
-             [devices.feed((train_x[:n], train_y[:n])) for n in sorted(set(batch_sizes))])
 
-  show_bar = not config["quiet"] and sys.stdout.isatty() and is_writer
-  for epoch in range(start_epoch, config["epochs"] + 1):
-    order = data_lib.epoch_order(config["seed"], epoch, len(train_y))
-    batches = data_lib.batches(order, batch_size, devices.count)
-    losses = []
-    bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{config['epochs']}", unit="step",
-               leave=False, disable=not show_bar)
+def compile_step(devices: Devices, model, optimizer, batch_sizes, train_x, train_y,
+                 log=print):
+  """The step for these devices, compiled for every batch size of an epoch.
+
+  Compiles on throwaway copies of the model and optimizer, so epoch times exclude it.
+  """
+  step = devices.train_step()
+  log("compiling…", end=" ", flush=True)
+  start = time.perf_counter()
+  for n in sorted(set(batch_sizes)):
+    batch = devices.feed((train_x[:n], train_y[:n]))
+    jax.block_until_ready(step(*nnx.clone((model, optimizer)), *batch))
+  log(f"{time.perf_counter() - start:.1f} s")
+  return step
+
+
+def train_epoch(step, model, optimizer, config, epoch: int, train_x, train_y,
+                devices: Devices, show_bar: bool) -> tuple[float, float, int]:
+  """One epoch of steps in the order of ``(seed, epoch)``.
+
+  Returns:
+    ``(mean mini-batch loss, seconds of training steps, number of steps)``.
+  """
+  order = data_lib.epoch_order(config.seed, epoch, len(train_y))
+  batches = data_lib.batches(order, min(config.batch_size, len(train_y)), devices.count)
+  losses = []
+  with tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}", unit="step",
+            leave=False, disable=not show_bar) as bar:
     start = time.perf_counter()
     for idx in batches:
       losses.append(step(model, optimizer, *devices.feed((train_x[idx], train_y[idx]))))
@@ -271,35 +309,119 @@ def run(config: dict) -> dict:
         bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
       bar.update()
     jax.block_until_ready(losses)
-    epoch_time = time.perf_counter() - start
-    bar.close()
+    seconds = time.perf_counter() - start
+  return float(np.mean(jax.device_get(losses))), seconds, len(batches)
 
-    train_loss, train_acc = evaluate(model, train_x, train_y, devices)
-    val_loss, val_acc = evaluate(model, *splits["val"], devices)
-    metrics.append(dict(epoch=epoch, minibatch_avg_loss=float(np.mean(jax.device_get(losses))),
-                        full_batch_loss=train_loss, full_batch_acc=train_acc,
-                        val_loss=val_loss, val_acc=val_acc, epoch_time_s=epoch_time))
-    manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(nnx.state((model, optimizer))),
-        meta=ocp.args.JsonSave(dict(epoch=epoch, config=config, metrics=metrics))))
-    if is_writer:
-      with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics[-1]) + "\n")
-      tqdm.write(f"epoch {epoch:3d}/{config['epochs']}"
-                 f"  minibatch loss {metrics[-1]['minibatch_avg_loss']:.4f}"
-                 f"  train loss {train_loss:.4f} acc {train_acc:.4f}"
-                 f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
-                 f"  {epoch_time:.2f} s ({len(batches) / epoch_time:.1f} steps/s)", file=sys.stdout)
-  manager.wait_until_finished()
-  manager.close()
 
-  test_loss, test_acc = evaluate(model, *splits["test"], devices)
-  train_time = sum(m["epoch_time_s"] for m in metrics)
-  summary = dict(test_loss=test_loss, test_acc=test_acc, train_time_s=train_time,
-                 steps_per_s=len(batch_sizes) * len(metrics) / train_time if train_time else None,
-                 device=devices.describe(), epochs=len(metrics))
+def evaluate_epoch(model, epoch: int, minibatch_loss: float, seconds: float, splits,
+                   devices: Devices) -> dict:
+  """The epoch's metrics line: full-batch training and validation loss and accuracy."""
+  train_loss, train_acc = evaluate(model, *splits["train"], devices)
+  val_loss, val_acc = evaluate(model, *splits["val"], devices)
+  return dict(epoch=epoch, minibatch_avg_loss=minibatch_loss, full_batch_loss=train_loss,
+              full_batch_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+              epoch_time_s=seconds)
+
+
+def is_finite(row: dict, model) -> bool:
+  """Whether the epoch's losses and the model's parameters are all finite."""
+  losses = (row["minibatch_avg_loss"], row["full_batch_loss"], row["val_loss"])
+  return all(np.isfinite(losses)) and bool(params_are_finite(model))
+
+
+def save_and_log(manager, model, optimizer, config, metrics: list[dict], steps: int,
+                 is_writer: bool) -> None:
+  """Checkpoints the epoch just done, then appends its metrics line and prints it."""
+  row = metrics[-1]
+  manager.save(row["epoch"], args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nnx.state((model, optimizer))),
+      meta=ocp.args.JsonSave(dict(epoch=row["epoch"], config=dataclasses.asdict(config),
+                                  metrics=metrics))))
   if is_writer:
-    _write_json(os.path.join(out, "summary.json"), summary)
-    print(f"test loss {test_loss:.4f} acc {test_acc:.4f}  train time {train_time:.1f} s"
-          f"  -> {out}")
+    records.append_jsonl(os.path.join(config.out, records.METRICS), row)
+    tqdm.write(f"epoch {row['epoch']:3d}/{config.epochs}"
+               f"  minibatch loss {row['minibatch_avg_loss']:.4f}"
+               f"  train loss {row['full_batch_loss']:.4f} acc {row['full_batch_acc']:.4f}"
+               f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+               f"  {row['epoch_time_s']:.2f} s ({steps / row['epoch_time_s']:.1f} steps/s)",
+               file=sys.stdout)
+
+
+def finish(model, config, metrics: list[dict], steps_per_epoch: int, splits, devices: Devices,
+           is_writer: bool, diverged_epoch: int | None = None) -> dict:
+  """Writes ``summary.json`` (test loss and accuracy unless the run diverged) and returns it."""
+  train_time = sum(m["epoch_time_s"] for m in metrics)
+  summary = dict(test_loss=None, test_acc=None, train_time_s=train_time,
+                 steps_per_s=steps_per_epoch * len(metrics) / train_time if train_time else None,
+                 device=devices.describe(), epochs=len(metrics),
+                 diverged=diverged_epoch is not None)
+  if diverged_epoch is None:
+    summary["test_loss"], summary["test_acc"] = evaluate(model, *splits["test"], devices)
+  else:
+    summary["diverged_epoch"] = diverged_epoch
+  if is_writer:
+    records.write_json(os.path.join(config.out, records.SUMMARY), summary)
+    if diverged_epoch is None:
+      print(f"test loss {summary['test_loss']:.4f} acc {summary['test_acc']:.4f}"
+            f"  train time {train_time:.1f} s  -> {config.out}")
+    else:
+      kept = (f"the checkpoint of epoch {diverged_epoch - 1} is kept" if diverged_epoch > 1
+              else "no epoch finished")
+      print(f"diverged in epoch {diverged_epoch}: non-finite loss or parameters; {kept} "
+            f"(try a smaller --lr)  -> {config.out}")
   return summary
+
+
+def done_message(config, state: records.RunState) -> str:
+  """What a run that has nothing left to do says instead of training."""
+  if state.status == "diverged":
+    return (f"{config.out}: this run diverged in epoch {state.summary['diverged_epoch']}; "
+            f"resuming would repeat that (same data order): change --lr or the mode in a "
+            f"new --out")
+  return (f"{config.out}: this run is finished ({state.summary['epochs']} epochs); pass "
+          f"--epochs above {state.summary['epochs']} with --resume to train it longer")
+
+
+def run(config) -> dict:
+  """Trains one model as ``config`` (a `RunConfig`) says; returns the summary.
+
+  The summary is also written to ``summary.json``; ``summary["diverged"]`` says whether the
+  run stopped on a non-finite loss or parameters.
+
+  Raises:
+    RunDirError: ``config.out`` holds something this run may not continue or overwrite.
+    data.DataNotPreparedError: CIFAR-10 is not prepared (with instructions).
+  """
+  is_writer = jax.process_index() == 0
+  log = print if is_writer else lambda *args, **kwargs: None
+  state = check_run_dir(config)
+  if is_done(config, state):
+    log(done_message(config, state))
+    return state.summary
+
+  devices = Devices(config.parallel)
+  splits = load_data(config)
+  train_x, train_y = splits["train"]
+  log(describe(config, splits, devices))
+  model, optimizer = build(config, train_x.shape[1:], devices.axis_name)
+  devices.place(model, optimizer)
+  batch_sizes = [len(b) for b in data_lib.batches(
+      np.arange(len(train_y)), min(config.batch_size, len(train_y)), devices.count)]
+  show_bar = not config.quiet and sys.stdout.isatty() and is_writer
+
+  with checkpoint_manager(config.out, config.keep_checkpoints) as manager:
+    metrics = restore_or_start(manager, model, optimizer, config, is_writer)
+    if metrics:
+      log(f"resuming after epoch {len(metrics)}")
+    if len(metrics) < config.epochs:
+      step = compile_step(devices, model, optimizer, batch_sizes, train_x, train_y, log)
+    for epoch in range(len(metrics) + 1, config.epochs + 1):
+      loss, seconds, steps = train_epoch(step, model, optimizer, config, epoch, train_x,
+                                         train_y, devices, show_bar)
+      row = evaluate_epoch(model, epoch, loss, seconds, splits, devices)
+      if not is_finite(row, model):
+        return finish(model, config, metrics, len(batch_sizes), splits, devices, is_writer,
+                      diverged_epoch=epoch)
+      metrics.append(row)
+      save_and_log(manager, model, optimizer, config, metrics, steps, is_writer)
+  return finish(model, config, metrics, len(batch_sizes), splits, devices, is_writer)

@@ -74,62 +74,27 @@ def main():
 
 
 def _models():
-  """The paper's two models, small, with PyTorch's default init (as the reference)."""
-  import math
+  """The paper's two models (`experiments.models`), small, and the MLP from Linen layers.
 
+  Each entry is ``name: (build(mode, axis_name, rngs), one example's shape)``.
+  """
   import flax.linen as nn
-  import jax
   import jax.numpy as jnp
   from flax import nnx
 
   import proxprop_jax as pp
+  from experiments import models
 
-  def torch_uniform(fan_in=None):
-    def init(key, shape, dtype=jnp.float32):
-      bound = 1.0 / math.sqrt(fan_in or math.prod(shape[:-1]))
-      return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
+  def small(name, input_shape, tau_prox, prox_linear=pp.Linear, **sizes):
+    def build(mode, axis_name, rngs):
+      layers = models.Layers(mode, tau_prox, axis_name, rngs, prox_linear)
+      return models.MODELS[name](input_shape, 10, layers, **sizes)
+    return build, input_shape
 
-  def linear(cls, fan_in, fan_out, rngs, **kw):
-    return cls(fan_in, fan_out, kernel_init=torch_uniform(), bias_init=torch_uniform(fan_in),
-               rngs=rngs, **kw)
-
-  class MLP(nnx.Module):
-    """16-32-24-10, ReLU; the last layer takes the plain gradient (as in the paper)."""
-
-    def __init__(self, mode, axis_name, rngs, hidden_cls=pp.Linear):
-      kw = dict(mode=mode, tau_prox=0.05, axis_name=axis_name)
-      self.l1 = linear(hidden_cls, 16, 32, rngs, **kw)
-      self.l2 = linear(hidden_cls, 32, 24, rngs, **kw)
-      self.head = linear(nnx.Linear, 24, 10, rngs)
-
-    def __call__(self, x):
-      return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
-
-  ProxLinear = pp.prox_module(nnx.Linear)
-
-  class GenericMLP(MLP):
-    """The same MLP with matrix-free ``pp.prox_module(nnx.Linear)`` hidden layers."""
-
-    def __init__(self, mode, axis_name, rngs):
-      super().__init__(mode, axis_name, rngs, hidden_cls=ProxLinear)
-
-  class ConvNet(nnx.Module):
-    """Three 3x3 SAME convs 3-4-6-6 on 8x8 (ReLU, 2x2 max-pools after the first two), linear."""
-
-    def __init__(self, mode, axis_name, rngs):
-      kw = dict(mode=mode, tau_prox=1.0, axis_name=axis_name, padding="SAME",
-                kernel_init=torch_uniform(), rngs=rngs)
-      self.c1 = pp.Conv(3, 4, (3, 3), bias_init=torch_uniform(27), **kw)
-      self.c2 = pp.Conv(4, 6, (3, 3), bias_init=torch_uniform(36), **kw)
-      self.c3 = pp.Conv(6, 6, (3, 3), bias_init=torch_uniform(54), **kw)
-      self.head = linear(nnx.Linear, 2 * 2 * 6, 10, rngs)
-
-    def __call__(self, x):
-      x = nnx.max_pool(nnx.relu(self.c1(x)), (2, 2), strides=(2, 2))
-      x = nnx.max_pool(nnx.relu(self.c2(x)), (2, 2), strides=(2, 2))
-      x = nnx.relu(self.c3(x))
-      return self.head(x.reshape(x.shape[0], -1))
+  # MLP 16-32-24-10; ConvNet: three 3x3 SAME convs 3-4-6-6 on 8x8 inputs.
+  mlp = dict(name="mlp", input_shape=(16,), tau_prox=0.05, hidden_sizes=(32, 24))
+  convnet = dict(name="convnet", input_shape=(8, 8, 3), tau_prox=1.0, channels=(4, 6, 6),
+                 kernel_size=3)
 
   class LinenMLP(nn.Module):
     """The MLP with ``pp.linen.Dense`` hidden layers."""
@@ -155,8 +120,9 @@ def _models():
     def __call__(self, x):
       return self.net(x)
 
-  return {"mlp": (MLP, (16,)), "mlp_generic": (GenericMLP, (16,)),
-          "convnet": (ConvNet, (8, 8, 3)), "mlp_linen": (LinenModel, (16,))}
+  return {"mlp": small(**mlp),
+          "mlp_generic": small(**mlp, prox_linear=pp.prox_module(nnx.Linear)),  # matrix-free
+          "convnet": small(**convnet), "mlp_linen": (LinenModel, (16,))}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -343,16 +309,16 @@ def checks():
   x = rng.normal(size=(GLOBAL_BATCH, 16)).astype(np.float32)
   y = rng.integers(0, 10, size=GLOBAL_BATCH).astype(np.int32)
   ref_model, ref_opt = with_opt(mlp(None))
-  before = np.asarray(ref_model.l1.kernel.get_value())
+  before = np.asarray(ref_model.hidden[0].kernel.get_value())
   nnx.jit(global_fn)(ref_model, ref_opt, x, y)
-  ref_update = np.asarray(ref_model.l1.kernel.get_value()) - before
+  ref_update = np.asarray(ref_model.hidden[0].kernel.get_value()) - before
   check, parallel._check_layers = parallel._check_layers, lambda *args: None
   try:
     model, opt = with_opt(mlp(None))
     parallel.make_pmap_step(step_fn, "data", jax.devices())(model, opt, x, y)
   finally:
     parallel._check_layers = check
-  update = np.asarray(model.l1.kernel.get_value()) - before
+  update = np.asarray(model.hidden[0].kernel.get_value()) - before
   out["local_direction_update_rel"] = float(np.abs(update - ref_update).max()
                                             / np.abs(ref_update).max())
   return out

@@ -5,50 +5,29 @@ reaches a lower full-batch training loss than BackProp (lr 0.05) after the same
 epochs, while plain gradient steps at lr 1 fail to train.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from sklearn.datasets import load_digits
 
-import proxprop_jax as pp
+from experiments import models
+from experiments import optimizers
 
-WIDTHS = (64, 400, 100, 400, 10)  # the paper's 4-layer MLP shape, scaled to 8×8 inputs
+HIDDEN = (400, 100, 400)  # the paper's 4-layer MLP shape, scaled to 8×8 inputs
 EPOCHS, BATCH = 10, 500
 
 
-def _torch_init(fan_in):
-  bound = 1 / np.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class MLP(nnx.Module):
-
-  def __init__(self, mode, rngs):
-    self.layers = nnx.List()
-    for i, (fan_in, fan_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-      init = dict(kernel_init=_torch_init(fan_in), bias_init=_torch_init(fan_in), rngs=rngs)
-      hidden = i < len(WIDTHS) - 2
-      self.layers.append(pp.Linear(fan_in, fan_out, mode=mode, tau_prox=0.05, **init)
-                         if hidden and mode != "backprop" else nnx.Linear(fan_in, fan_out, **init))
-
-  def __call__(self, x):
-    for layer in self.layers[:-1]:
-      x = jax.nn.relu(layer(x))
-    return self.layers[-1](x)
-
-
 def _loss(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+  return models.cross_entropy(model(x), y)
 
 
 def _train(mode, lr):
   images, labels = load_digits(return_X_y=True)
   images, labels = (images / 16.0).astype(np.float32), labels.astype(np.int32)
-  model = MLP(mode, nnx.Rngs(0))
-  opt = nnx.Optimizer(model, optax.sgd(lr, momentum=0.95, nesterov=True), wrt=nnx.Param)
+  model = models.build("mlp", mode=mode, input_shape=(64,), tau_prox=0.05, seed=0,
+                       hidden_sizes=HIDDEN)
+  opt = nnx.Optimizer(model, optimizers.make("nesterov", lr, momentum=0.95),
+                      wrt=nnx.Param)
 
   @nnx.jit
   def step(model, opt, x, y):

@@ -1,0 +1,60 @@
+"""What the command-line entry points share: exit statuses and what they say when a run stops.
+
+Exit statuses: 0 done, 1 an error with a message (``error: ...``), 2 bad flags (argparse), 3 a
+run diverged, 130 interrupted (Ctrl-C). An interrupted command prints one line with the exact
+command that continues it, and no traceback.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from typing import Callable
+
+from experiments import data as data_lib
+from experiments import train
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+def command(module: str, argv, *extra: str) -> str:
+  """The shell command ``python -m module argv... extra...`` (``extra`` only if not in argv)."""
+  args = list(argv) + [e for e in extra if e not in argv]
+  return shlex.join(["python", "-m", module] + args)
+
+
+def run(body: Callable[[], object], interrupted: Callable[[], str]):
+  """Runs ``body()``; turns Ctrl-C and the runs' expected errors into one line and an exit.
+
+  Args:
+    body: the command's work.
+    interrupted: the line to print on Ctrl-C (what is saved, how to continue); called then.
+
+  Raises:
+    SystemExit: 130 on Ctrl-C; 1 with ``error: ...`` for unprepared data or an unusable
+      ``--out``.
+  """
+  try:
+    return body()
+  except KeyboardInterrupt:
+    print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+  except (data_lib.DataNotPreparedError, train.RunDirError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def main(entry: Callable[[], object]) -> None:
+  """Runs a command's ``main`` as the program (its ``__main__`` block).
+
+  A second Ctrl-C while an interrupted program exits (JAX and orbax shut down) is ignored, so
+  it ends with the one line `run` printed, never a traceback. In-process callers of ``main``
+  (tests, notebooks) keep their own Ctrl-C handling.
+  """
+  try:
+    entry()
+  except SystemExit as e:
+    if e.code == EXIT_INTERRUPTED:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise

@@ -1,0 +1,111 @@
+"""experiments/cifar.py, the one-run command: end to end, exit statuses, Ctrl-C.
+
+Flag parsing and its messages: tests/test_config.py.
+"""
+
+import os
+import shlex
+import signal
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import cifar, data, plot, train
+from tests import helpers
+
+
+@pytest.mark.parametrize("mode", ["backprop", "prox_exact", "prox_cg3"])
+def test_cli_end_to_end_on_mock_cifar10(tmp_path, mode):
+  out = str(tmp_path / mode)
+  flags = ["--mode", mode, "--train-samples", "16", "--batch-size", "8", "--epochs", "2",
+           "--dataset", "cifar10"]
+  with tfds.testing.mock_data(num_examples=16):
+    cifar.main(flags + ["--out", out, "--data-dir", str(tmp_path), "--quiet"])
+  config, _, _ = helpers.check_run_files(out, flags)
+  assert config["data_dir"] == str(tmp_path)
+  assert set(config["versions"]) == {"proxprop_jax", "jax", "jaxlib", "flax", "optax",
+                                     "git_commit"}
+  assert config["versions"]["jax"] and config["versions"]["proxprop_jax"]
+
+
+@pytest.mark.parametrize("model, mode", [("convnet", "backprop"), ("convnet", "prox_exact"),
+                                         ("mlp", "prox_cg3")])
+def test_cli_end_to_end_on_digits(tmp_path, model, mode):
+  out = str(tmp_path / mode)
+  flags = ["--model", model, "--mode", mode, "--optimizer", "nesterov", "--lr", "0.05",
+           "--tau-prox", "0.5", "--train-samples", "250", "--batch-size", "100", "--epochs", "2",
+           "--dataset", "digits"]
+  summary = cifar.main(flags + ["--out", out, "--quiet"])
+  config, metrics, saved = helpers.check_run_files(out, flags)
+  assert summary == saved
+  # The logged metrics are those of the checkpointed model: recompute them independently.
+  trained, meta = train.load_model(out, (8, 8, 1))
+  assert meta["epoch"] == 2 and helpers.without_times(meta["metrics"]) == helpers.without_times(
+      metrics)
+  splits = data.load("digits", seed=0)
+  for split, key in [("val", "val"), ("test", "test")]:
+    x, y = splits[split]
+    logits = np.asarray(trained(jnp.asarray(x)), np.float64)
+    shifted = logits - logits.max(1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    loss, acc = -logp[np.arange(len(y)), y].mean(), (logits.argmax(1) == y).mean()
+    logged = metrics[-1] if split == "val" else saved
+    assert logged[f"{key}_loss"] == pytest.approx(loss, rel=1e-4)
+    assert logged[f"{key}_acc"] == acc
+
+
+def read_until(proc, text, timeout=240):
+  """Reads the process's stdout until it contains ``text`` (mid-line too); returns it."""
+  seen, deadline = "", time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    char = proc.stdout.read(1)
+    if not char:
+      break
+    seen += char
+    if seen.endswith(text):
+      return seen
+  proc.kill()
+  pytest.fail(f"no {text!r} in {seen!r}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def test_ctrl_c_exits_130_with_the_resume_command_and_a_resumable_folder(tmp_path, capsys):
+  # Two runs at once: one is stopped before its first epoch ends (while compiling), the other
+  # after epoch 1.
+  flags = helpers.DIGITS_FLAGS + ["--train-samples", "300", "--mode", "prox_cg3",
+                                  "--epochs", "1000"]
+  early, late = str(tmp_path / "early"), str(tmp_path / "late")
+  procs = {early: helpers.start_command("experiments.cifar", flags + ["--out", early]),
+           late: helpers.start_command("experiments.cifar", flags + ["--out", late])}
+  read_until(procs[early], "compiling…")
+  procs[early].send_signal(signal.SIGINT)
+  read_until(procs[late], "epoch   1/1000")
+  procs[late].send_signal(signal.SIGINT)
+  said = {}
+  for out, proc in procs.items():
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    said[out] = stderr.strip().splitlines()
+    assert len(said[out]) == 1, stderr  # one line, nothing else
+    # The command resumes exactly this run.
+    command = said[out][0].split("continue with: ")[1]
+    assert shlex.split(command) == (["python", "-m", "experiments.cifar"] + flags
+                                    + ["--out", out, "--resume"])
+
+  assert said[early][0].startswith(f"interrupted: no epoch had finished; {early}")
+  assert helpers.read_metrics(early) == [] and helpers.checkpoint_epochs(early) == []
+  done = len(helpers.read_metrics(late))
+  assert done >= 1 and helpers.checkpoint_epochs(late)[-1] == done
+  assert said[late][0].startswith(f"interrupted: epochs 1-{done} are saved in {late}")
+  assert not os.path.exists(os.path.join(late, "summary.json"))
+
+  # Both folders: plotted as they are, then resumed with the printed command (fewer epochs).
+  plot.main([early, late, "--out", str(tmp_path / "both.png")])
+  assert "| 0 | – | – | – | – | – |" in capsys.readouterr().out
+  for out, epochs in ((early, 2), (late, done + 1)):
+    argv = shlex.split(said[out][0].split("continue with: ")[1])[3:]
+    cifar.main(argv + ["--epochs", str(epochs)])
+    helpers.check_run_files(out, [], epochs=epochs)
