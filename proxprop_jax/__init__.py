@@ -4,6 +4,7 @@
     layer = pp.Linear(784, 256, mode="prox_cg3", tau_prox=0.05, rngs=nnx.Rngs(0))
 """
 
+from proxprop_jax import _threads  # noqa: F401  (limits the BLAS threads of JAX's CPU LAPACK)
 from proxprop_jax import linen, parallel
 from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, check_linear, prox_module
