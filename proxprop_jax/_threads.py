@@ -41,37 +41,46 @@ def requested_threads(env=os.environ) -> int | None:
 
 def _is_inside(path: str, folders) -> bool:
   path = os.path.realpath(path)
+  folders = [os.path.realpath(f) for f in folders]
   return any(os.path.commonpath([path, f]) == f for f in folders)
 
 
-def plan(blas_libraries: list[dict], scipy_folders: list[str], env=os.environ):
+def plan(blas_libraries: list[dict], scipy_folders: list[str], numpy_folders: list[str] = (),
+         env=os.environ):
   """Which BLAS libraries to limit, to how many threads, and what to warn about.
 
   ``blas_libraries``: threadpoolctl's info dicts (``filepath``, ``num_threads``, …) of the
-  loaded BLAS libraries; ``scipy_folders``: the folders of SciPy's package and its bundled
-  libraries. Returns ``(libraries, threads, warning)``; ``warning`` is None or the text of
-  the one warning to give.
+  loaded BLAS libraries; ``scipy_folders`` / ``numpy_folders``: where SciPy's / NumPy's
+  wheels keep their bundled libraries. A busy BLAS bundled with neither (a conda or system
+  library) is taken to be the one SciPy links, shared with NumPy. Returns
+  ``(libraries, threads, warning)``; ``warning`` is None or the text of the one warning.
   """
   if env.get(ENV_VAR, "").strip() == "keep" or "OPENBLAS_NUM_THREADS" in env:
     return [], None, None
   requested = requested_threads(env)
   threads = 1 if requested is None else requested
-  folders = [os.path.realpath(f) for f in scipy_folders]
-  own = [lib for lib in blas_libraries if _is_inside(lib["filepath"], folders)]
+  own = [lib for lib in blas_libraries if _is_inside(lib["filepath"], scipy_folders)]
   if own:
     return own, threads, None
   if requested is not None:  # the user asked for it: shared or not, limit every BLAS
     return list(blas_libraries), threads, None
-  busy = [lib for lib in blas_libraries if lib.get("num_threads", 1) > 1]
+  busy = [lib for lib in blas_libraries if lib.get("num_threads", 1) > 1
+          and not _is_inside(lib["filepath"], numpy_folders)]
   if not busy:
     return [], None, None
   names = ", ".join(f"{lib['filepath']} ({lib['num_threads']} threads)" for lib in busy)
   return [], None, (
-      f"JAX's CPU LAPACK calls (Cholesky, eigh) use a BLAS shared with NumPy: {names}. Its "
+      f"JAX's CPU LAPACK calls (Cholesky, eigh) appear to use a BLAS shared with NumPy: {names}. Its "
       f"idle threads busy-wait and can make ProxProp steps much slower on CPU. proxprop_jax "
       f"leaves a shared BLAS alone; to limit it (NumPy's BLAS calls too), set "
       f"{ENV_VAR}=1 or OPENBLAS_NUM_THREADS=1 (MKL: MKL_NUM_THREADS=1) before starting "
       f"Python; {ENV_VAR}=keep silences this warning.")
+
+
+def wheel_folders(module) -> list[str]:
+  """Where a package's wheel keeps its bundled libraries (in it, or next to it in ``.libs``)."""
+  package = os.path.dirname(module.__file__)
+  return [package, package + ".libs"]
 
 
 def limit_lapack_threads(env=os.environ):
@@ -80,16 +89,15 @@ def limit_lapack_threads(env=os.environ):
   if env.get(ENV_VAR, "").strip() == "keep" or "OPENBLAS_NUM_THREADS" in env:
     return []
   try:
+    import numpy
     import scipy
     import scipy.linalg.cython_lapack  # noqa: F401  (loads the BLAS jaxlib's LAPACK uses)
     import threadpoolctl
   except ImportError:
     return []
-  package = os.path.dirname(scipy.__file__)
-  folders = [package, package + ".libs", os.path.join(os.path.dirname(package), ".dylibs")]
   controller = threadpoolctl.ThreadpoolController()
   blas = [lib for lib in controller.info() if lib.get("user_api") == "blas"]
-  libraries, threads, warning = plan(blas, folders, env)
+  libraries, threads, warning = plan(blas, wheel_folders(scipy), wheel_folders(numpy), env)
   if warning is not None:
     warnings.warn(warning, RuntimeWarning, stacklevel=2)
   if not libraries:

@@ -91,31 +91,41 @@ def test_bad_environment_value_names_the_valid_choices():
 SCIPY_DIR = "/site-packages/scipy"
 OWN = {"filepath": "/site-packages/scipy.libs/libscipy_openblas.so", "num_threads": 8}
 SHARED = {"filepath": "/opt/conda/lib/libopenblas.so", "num_threads": 8}
+NUMPY_DIR = "/site-packages/numpy"
+NUMPY_OWN = {"filepath": "/site-packages/numpy.libs/libscipy_openblas64_.so", "num_threads": 8}
 
 
 def test_plan_limits_only_scipys_own_blas():
-  libs, threads, warning = _threads.plan([OWN, SHARED], [SCIPY_DIR, SCIPY_DIR + ".libs"], {})
+  libs, threads, warning = _threads.plan([OWN, SHARED], [SCIPY_DIR, SCIPY_DIR + ".libs"],
+                                        env={})
   assert (libs, threads, warning) == ([OWN], 1, None)
 
 
 def test_plan_warns_with_the_remedy_for_a_shared_blas():
-  libs, threads, warning = _threads.plan([SHARED], [SCIPY_DIR, SCIPY_DIR + ".libs"], {})
+  libs, threads, warning = _threads.plan([SHARED, NUMPY_OWN], [SCIPY_DIR, SCIPY_DIR + ".libs"],
+                                        [NUMPY_DIR, NUMPY_DIR + ".libs"], env={})
   assert libs == [] and threads is None
   assert SHARED["filepath"] in warning and "PROXPROP_BLAS_THREADS=1" in warning
   assert "OPENBLAS_NUM_THREADS=1" in warning and "PROXPROP_BLAS_THREADS=keep" in warning
+  assert NUMPY_OWN["filepath"] not in warning
+
+
+def test_plan_is_silent_when_only_numpys_own_blas_is_seen():
+  # e.g. SciPy on Apple's Accelerate next to NumPy's bundled OpenBLAS: nothing is shared
+  assert _threads.plan([NUMPY_OWN], [SCIPY_DIR], [NUMPY_DIR, NUMPY_DIR + ".libs"], env={}) == ([], None, None)
 
 
 def test_plan_limits_a_shared_blas_when_asked():
   env = {"PROXPROP_BLAS_THREADS": "3"}
-  assert _threads.plan([SHARED], [SCIPY_DIR], env) == ([SHARED], 3, None)
+  assert _threads.plan([SHARED], [SCIPY_DIR], env=env) == ([SHARED], 3, None)
 
 
 @pytest.mark.parametrize("env", [{"PROXPROP_BLAS_THREADS": "keep"},
                                  {"OPENBLAS_NUM_THREADS": "4"}])
 def test_plan_changes_nothing_when_told_or_when_the_user_chose(env):
-  assert _threads.plan([OWN, SHARED], [SCIPY_DIR], env) == ([], None, None)
+  assert _threads.plan([OWN, SHARED], [SCIPY_DIR], env=env) == ([], None, None)
 
 
 def test_plan_is_silent_for_a_single_threaded_shared_blas():
   single = dict(SHARED, num_threads=1)
-  assert _threads.plan([single], [SCIPY_DIR], {}) == ([], None, None)
+  assert _threads.plan([single], [SCIPY_DIR], env={}) == ([], None, None)
