@@ -39,7 +39,8 @@ def requested_threads(env=os.environ) -> int | None:
   return int(value)
 
 
-def _is_inside(path: str, folders) -> bool:
+def is_inside(path: str, folders) -> bool:
+  """Whether ``path`` (links resolved) lies in one of ``folders``."""
   path = os.path.realpath(path)
   folders = [os.path.realpath(f) for f in folders]
   return any(os.path.commonpath([path, f]) == f for f in folders)
@@ -59,19 +60,19 @@ def plan(blas_libraries: list[dict], scipy_folders: list[str], numpy_folders: li
     return [], None, None
   requested = requested_threads(env)
   threads = 1 if requested is None else requested
-  own = [lib for lib in blas_libraries if _is_inside(lib["filepath"], scipy_folders)]
+  own = [lib for lib in blas_libraries if is_inside(lib["filepath"], scipy_folders)]
   if own:
     return own, threads, None
   if requested is not None:  # the user asked for it: shared or not, limit every BLAS
     return list(blas_libraries), threads, None
   busy = [lib for lib in blas_libraries if lib.get("num_threads", 1) > 1
-          and not _is_inside(lib["filepath"], numpy_folders)]
+          and not is_inside(lib["filepath"], numpy_folders)]
   if not busy:
     return [], None, None
   names = ", ".join(f"{lib['filepath']} ({lib['num_threads']} threads)" for lib in busy)
   return [], None, (
-      f"JAX's CPU LAPACK calls (Cholesky, eigh) appear to use a BLAS shared with NumPy: {names}. Its "
-      f"idle threads busy-wait and can make ProxProp steps much slower on CPU. proxprop_jax "
+      f"JAX's CPU LAPACK calls (Cholesky, eigh) appear to use a BLAS shared with NumPy: "
+      f"{names}. Its idle threads busy-wait and can make ProxProp steps much slower on CPU. proxprop_jax "
       f"leaves a shared BLAS alone; to limit it (NumPy's BLAS calls too), set "
       f"{ENV_VAR}=1 or OPENBLAS_NUM_THREADS=1 (MKL: MKL_NUM_THREADS=1) before starting "
       f"Python; {ENV_VAR}=keep silences this warning.")

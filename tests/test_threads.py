@@ -112,7 +112,8 @@ def test_plan_warns_with_the_remedy_for_a_shared_blas():
 
 def test_plan_is_silent_when_only_numpys_own_blas_is_seen():
   # e.g. SciPy on Apple's Accelerate next to NumPy's bundled OpenBLAS: nothing is shared
-  assert _threads.plan([NUMPY_OWN], [SCIPY_DIR], [NUMPY_DIR, NUMPY_DIR + ".libs"], env={}) == ([], None, None)
+  numpy_folders = [NUMPY_DIR, NUMPY_DIR + ".libs"]
+  assert _threads.plan([NUMPY_OWN], [SCIPY_DIR], numpy_folders, env={}) == ([], None, None)
 
 
 def test_plan_limits_a_shared_blas_when_asked():
