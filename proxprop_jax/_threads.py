@@ -72,8 +72,8 @@ def plan(blas_libraries: list[dict], scipy_folders: list[str], numpy_folders: li
   names = ", ".join(f"{lib['filepath']} ({lib['num_threads']} threads)" for lib in busy)
   return [], None, (
       f"JAX's CPU LAPACK calls (Cholesky, eigh) appear to use a BLAS shared with NumPy: "
-      f"{names}. Its idle threads busy-wait and can make ProxProp steps much slower on CPU. proxprop_jax "
-      f"leaves a shared BLAS alone; to limit it (NumPy's BLAS calls too), set "
+      f"{names}. Its idle threads busy-wait and can make ProxProp steps much slower on CPU. "
+      f"proxprop_jax leaves a shared BLAS alone; to limit it (NumPy's BLAS calls too), set "
       f"{ENV_VAR}=1 or OPENBLAS_NUM_THREADS=1 (MKL: MKL_NUM_THREADS=1) before starting "
       f"Python; {ENV_VAR}=keep silences this warning.")
 
