@@ -9,6 +9,7 @@ from proxprop_jax import linen, parallel
 from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, check_linear, prox_module
 from proxprop_jax.ops import MAX_EXACT_PARAMS, conv, dense, proximal
+from proxprop_jax.pooling import max_pool
 
 __version__ = "0.1.0"
 
