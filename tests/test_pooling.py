@@ -46,7 +46,7 @@ def _normal(shape):
 
 
 def _value_gradient_tangent(pool, x, cotangent, tangent):
-  """``pool(x)``, its gradient against ``cotangent`` and its forward derivative along ``tangent``."""
+  """``pool(x)``, its gradient against ``cotangent``, its forward derivative along ``tangent``."""
   y, vjp = jax.vjp(pool, x)
   return y, vjp(cotangent)[0], jax.jvp(pool, (x,), (tangent,))[1]
 
