@@ -4,11 +4,11 @@ On CPU, jaxlib runs Cholesky, ``eigh`` and triangular solves through
 ``scipy.linalg.cython_lapack``, i.e. through the OpenBLAS bundled with SciPy's wheel. That
 OpenBLAS starts one thread per core; between calls its idle threads busy-wait, taking
 cores away from XLA's own thread pool, so every ProxProp step (which calls LAPACK on its
-small batch- or parameter-space systems) slows down — on two cores the MLP's
-``prox_exact`` step took 1.74× BackProp's time instead of 1.2×. Setting
-``OPENBLAS_NUM_THREADS=1`` before Python starts avoids it; this module does the same at
-``import proxprop_jax`` with ``threadpoolctl``, for SciPy's own OpenBLAS only (the small
-systems gain nothing from BLAS threads, and NumPy's separate BLAS is left as it is).
+small batch- or parameter-space systems) slows down (``python -m benchmarks.blas_threads``
+measures by how much). Setting ``OPENBLAS_NUM_THREADS=1`` before Python starts avoids it;
+this module does the same at ``import proxprop_jax`` with ``threadpoolctl``, for SciPy's own
+OpenBLAS only (its systems are small and XLA already keeps every core busy; NumPy's separate
+BLAS is left as it is).
 
 Environment:
 
@@ -26,6 +26,11 @@ import os
 import warnings
 
 ENV_VAR = "PROXPROP_BLAS_THREADS"
+
+
+def _leave_alone(env) -> bool:
+  """``PROXPROP_BLAS_THREADS=keep``, or the user chose OpenBLAS's thread count themselves."""
+  return env.get(ENV_VAR, "").strip() == "keep" or "OPENBLAS_NUM_THREADS" in env
 
 
 def requested_threads(env=os.environ) -> int | None:
@@ -56,7 +61,7 @@ def plan(blas_libraries: list[dict], scipy_folders: list[str], numpy_folders: li
   library) is taken to be the one SciPy links, shared with NumPy. Returns
   ``(libraries, threads, warning)``; ``warning`` is None or the text of the one warning.
   """
-  if env.get(ENV_VAR, "").strip() == "keep" or "OPENBLAS_NUM_THREADS" in env:
+  if _leave_alone(env):
     return [], None, None
   requested = requested_threads(env)
   threads = 1 if requested is None else requested
@@ -87,7 +92,7 @@ def wheel_folders(module) -> list[str]:
 def limit_lapack_threads(env=os.environ):
   """Applies :func:`plan` to this process; returns the libraries it limited."""
   requested_threads(env)  # a bad value is an error even where nothing would be changed
-  if env.get(ENV_VAR, "").strip() == "keep" or "OPENBLAS_NUM_THREADS" in env:
+  if _leave_alone(env):  # before importing SciPy: nothing to find out
     return []
   try:
     import numpy
