@@ -110,8 +110,8 @@ class ConvNet(nnx.Module):
     self.head = layers.linear((height // 4) * (width // 4) * c3, num_classes, hidden=False)
 
   def __call__(self, x):
-    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+    x = pp.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+    x = pp.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
     x = nnx.relu(self.conv3(x))
     return self.head(x.reshape(x.shape[0], -1))
 

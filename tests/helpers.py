@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 def rel_err(got, want) -> float:
   """``max|got − want| / max|want|`` in float64."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -108,8 +107,8 @@ def check_run_files(out, flags, epochs=2):
 
 
 def subprocess_env(**extra):
-  """The environment of a command-line subprocess: this interpreter's, one BLAS thread."""
-  return {**os.environ, "OPENBLAS_NUM_THREADS": "1", **extra}
+  """The environment of a command-line subprocess: this one, plus ``extra``."""
+  return {**os.environ, **extra}
 
 
 # Runs ``python -m MODULE ARGS`` with Ctrl-C armed. A job started in the background by a

@@ -40,7 +40,7 @@ TIMEOUT_S = 600
 
 
 def _env():
-  env = dict(os.environ, OPENBLAS_NUM_THREADS="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   env.pop("JAX_ENABLE_X64", None)
   for name in parallel.DISTRIBUTED_ENV.values():
     env.pop(name, None)
