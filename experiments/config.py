@@ -71,10 +71,13 @@ def flag(default, help: str, **argparse_kwargs):  # pylint: disable=redefined-bu
 class RunConfig:
   """Everything one training run depends on; the defaults are the reference's settings."""
 
-  model: str = flag("convnet", "the paper's ConvNet or MLP", choices=tuple(models.MODELS))
+  model: str = flag("convnet", "the paper's ConvNet or MLP, or a ResNet or ViT built from plain "
+                    "flax layers and converted", choices=tuple(models.MODELS))
   mode: str = flag("prox_cg1", models.MODES_HELP + "; backprop builds the model from plain flax "
                    "layers, gradient from ProxProp layers in gradient mode",
                    type=mode_arg, metavar="MODE")
+  plain_head: bool = flag(False, "resnet/vit: the final layer keeps the plain gradient (the "
+                          "paper's models always do)", action="store_true")
   optimizer: str = flag("adam", "Adam, AdamW (decoupled weight decay) or SGD with Nesterov "
                         "momentum", choices=optimizers.OPTIMIZERS)
   lr: float = flag(1e-3, "learning rate", type=positive(float))
@@ -101,8 +104,8 @@ class RunConfig:
 
 # Settings that must match for --resume to continue a run. Not in it: epochs (a run can be
 # extended), and what changes only where and how it runs (folders, devices, output).
-RESUME_KEYS = ("model", "mode", "optimizer", "lr", "tau_prox", "momentum", "weight_decay",
-               "batch_size", "train_samples", "dataset", "seed")
+RESUME_KEYS = ("model", "mode", "plain_head", "optimizer", "lr", "tau_prox", "momentum",
+               "weight_decay", "batch_size", "train_samples", "dataset", "seed")
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 DEFAULTS = dataclasses.asdict(RunConfig())
 

@@ -1,9 +1,14 @@
-"""The paper's two models, the one copy used by the experiments, the benchmarks and the tests.
+"""The models of the experiments, one copy each, used by the experiments, benchmarks and tests.
 
-A model is built from ProxProp layers or, for true BackProp (``mode="backprop"``), from plain
-flax layers. Only the hidden layers are ProxProp layers; the final linear layer always takes
-the plain gradient, as in the reference. Initialization is PyTorch's default (uniform
-+-1/sqrt(fan_in) for kernel and bias), which is what the paper's step sizes were tuned with.
+The paper's two models (``mlp``, ``convnet``) are built from ProxProp layers or, for true
+BackProp (``mode="backprop"``), from plain flax layers. Only their hidden layers are ProxProp
+layers; the final linear layer always takes the plain gradient, as in the reference. Their
+initialization is PyTorch's default (uniform +-1/sqrt(fan_in) for kernel and bias), which is
+what the paper's step sizes were tuned with.
+
+Beyond the paper, ``resnet`` and ``vit`` are written with plain flax layers only (flax's
+default init) and converted by `pp.convert` (see `build`): the proof that conversion works on
+ordinary model code.
 
 Models live in a registry: ``@register("name")`` on an ``nnx.Module`` whose constructor takes
 ``(input_shape, num_classes, layers, **sizes)`` makes it buildable as ``build("name", ...)``
@@ -133,28 +138,145 @@ class MLP(nnx.Module):
     return self.head(x)
 
 
+@register("resnet")
+class ResNet(nnx.Module):
+  """A small pre-activation ResNet (He et al. 2016), from plain flax layers.
+
+  A 3x3 stem, three stages of ``blocks`` pre-activation blocks (BatchNorm, ReLU, 3x3 conv,
+  twice; the shortcut is a 1x1 stride-2 conv where the shape changes) with ``widths``
+  channels, the second and third stages halving the resolution, then BatchNorm, ReLU, global
+  average pooling and a linear head. ``blocks=3`` is ResNet-20; works on 8x8 and 32x32.
+  """
+
+  def __init__(self, input_shape, num_classes: int, layers: Layers,
+               widths=(16, 32, 64), blocks: int = 3):
+    rngs = layers.rngs
+    self.stem = nnx.Conv(input_shape[-1], widths[0], (3, 3), padding="SAME", use_bias=False,
+                         rngs=rngs)
+    self.blocks = nnx.List()
+    cin = widths[0]
+    for stage, width in enumerate(widths):
+      for i in range(blocks):
+        stride = 2 if stage > 0 and i == 0 else 1
+        self.blocks.append(PreActBlock(cin, width, stride, rngs))
+        cin = width
+    self.norm = nnx.BatchNorm(cin, rngs=rngs)
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stem(x)
+    for block in self.blocks:
+      x = block(x)
+    x = nnx.relu(self.norm(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+class PreActBlock(nnx.Module):
+  """BatchNorm, ReLU, conv3x3, BatchNorm, ReLU, conv3x3, plus the shortcut."""
+
+  def __init__(self, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.BatchNorm(cin, rngs=rngs)
+    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False,
+                          rngs=rngs)
+    self.norm2 = nnx.BatchNorm(cout, rngs=rngs)
+    self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    self.shortcut = (nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+                     if stride != 1 or cin != cout else None)
+
+  def __call__(self, x):
+    h = nnx.relu(self.norm1(x))
+    shortcut = x if self.shortcut is None else self.shortcut(h)
+    h = self.conv1(h)
+    h = self.conv2(nnx.relu(self.norm2(h)))
+    return h + shortcut
+
+
+@register("vit")
+class ViT(nnx.Module):
+  """A small Vision Transformer (Dosovitskiy et al. 2021), from plain flax layers.
+
+  Non-overlapping ``patch x patch`` patches (default: a 4x4 grid of them, so 2x2 patches on
+  8x8 and 8x8 patches on 32x32) embedded by a linear map, a learned position embedding,
+  ``depth`` pre-norm blocks (LayerNorm, ``nnx.MultiHeadAttention``; LayerNorm, MLP with GELU),
+  a final LayerNorm, mean pooling over tokens and a linear head.
+  """
+
+  def __init__(self, input_shape, num_classes: int, layers: Layers, dim: int = 64,
+               depth: int = 2, heads: int = 4, mlp_dim: int = 128, patch: int | None = None):
+    rngs = layers.rngs
+    height, width, channels = input_shape
+    self.patch = patch or max(1, height // 4)
+    tokens = (height // self.patch) * (width // self.patch)
+    self.embed = nnx.Linear(self.patch * self.patch * channels, dim, rngs=rngs)
+    self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, dim)))
+    self.blocks = nnx.List([EncoderBlock(dim, heads, mlp_dim, rngs) for _ in range(depth)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    p = self.patch
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = self.embed(x.reshape(n, (h // p) * (w // p), p * p * c)) + self.position[...]
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.norm(x).mean(axis=1))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-norm transformer encoder block."""
+
+  def __init__(self, dim: int, heads: int, mlp_dim: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
+    self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attention(self.norm1(x))
+    return x + self.mlp2(nnx.gelu(self.mlp1(self.norm2(x))))
+
+
+#: Models written with plain flax layers; their ProxProp variants come from `pp.convert`.
+CONVERTED = ("resnet", "vit")
+
+
 def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox: float = 1.0,
           axis_name: str | None = None, seed: int = 0, prox_linear: type = pp.Linear,
-          **sizes) -> nnx.Module:
-  """Builds a registered model (``"convnet"`` or ``"mlp"``).
+          plain_head: bool = False, **sizes) -> nnx.Module:
+  """Builds a registered model.
 
   Args:
     name: a key of `MODELS`.
     mode: ``"backprop"`` (plain flax layers) or a ProxProp mode (``"gradient"``,
-      ``"prox_exact"``, ``"prox_cgN"``) for the hidden layers.
+      ``"prox_exact"``, ``"prox_cgN"``).
     input_shape: one example's shape, e.g. ``(height, width, channels)``.
-    num_classes: outputs of the final (plain) linear layer.
+    num_classes: outputs of the final linear layer.
     tau_prox: ProxProp's proximal step size; unused by ``backprop``.
     axis_name: the ``pmap`` axis the ProxProp layers reduce over (None outside ``pmap``).
     seed: parameter init seed.
-    prox_linear: the ProxProp dense layer class (see `Layers`).
+    prox_linear: the ProxProp dense layer class of the paper's models (see `Layers`).
+    plain_head: `CONVERTED` models: keep the plain gradient for the final layer ``head``
+      (the paper's models always do).
     **sizes: the model's size arguments (``hidden_sizes`` of the MLP; ``channels``,
-      ``kernel_size`` of the ConvNet); the paper's sizes when left out.
+      ``kernel_size`` of the ConvNet; ``widths``, ``blocks`` of the ResNet; ``dim``, ``depth``,
+      ``heads``, ``mlp_dim``, ``patch`` of the ViT); the defaults when left out.
+
+  The paper's models put ProxProp layers in their hidden layers themselves; `CONVERTED`
+  models are built from plain flax layers and, unless ``mode`` is ``"backprop"``, every
+  layer that is linear in its parameters is converted by `pp.convert`.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-  layers = Layers(mode, tau_prox, axis_name, nnx.Rngs(seed), prox_linear)
-  return MODELS[name](tuple(input_shape), num_classes, layers, **sizes)
+  converted = name in CONVERTED
+  layers = Layers("backprop" if converted else mode, tau_prox, axis_name, nnx.Rngs(seed),
+                  prox_linear)
+  model = MODELS[name](tuple(input_shape), num_classes, layers, **sizes)
+  if converted and mode != "backprop":
+    pp.convert(model, mode=mode, tau_prox=tau_prox, axis_name=axis_name,
+               exclude=("head",) if plain_head else None)
+  return model
 
 
 def cross_entropy(logits, labels):

@@ -133,5 +133,7 @@ def run_state(run_dir: str) -> RunState:
 
 def settings_differ(saved: dict, config, keys) -> dict:
   """``{key: (saved, now)}`` for the ``keys`` whose values differ between a saved config dict
-  and a `RunConfig`."""
-  return {k: (saved.get(k), getattr(config, k)) for k in keys if saved.get(k) != getattr(config, k)}
+  and a `RunConfig` (a key the saved run predates counts as its default)."""
+  default = type(config)()
+  saved = {k: saved.get(k, getattr(default, k)) for k in keys}
+  return {k: (saved[k], getattr(config, k)) for k in keys if saved[k] != getattr(config, k)}

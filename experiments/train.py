@@ -140,7 +140,19 @@ class Devices:
 
 
 def evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
-  """Full-batch mean loss and accuracy, in fixed-size padded chunks (one compiled shape)."""
+  """Full-batch mean loss and accuracy, in fixed-size padded chunks (one compiled shape).
+
+  The model is evaluated in eval mode (BatchNorm's running averages, not updated) and left in
+  train mode.
+  """
+  model.eval()
+  try:
+    return _evaluate(model, images, labels, devices)
+  finally:
+    model.train()
+
+
+def _evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
   size = -(-EVAL_BATCH // devices.count) * devices.count
   loss_sum = correct = 0.0
   for start in range(0, len(labels), size):
@@ -184,7 +196,8 @@ def build(config, input_shape, axis_name: str | None = None):
     config = config_lib.RunConfig(**{k: v for k, v in config.items()
                                      if k in config_lib.FIELDS})
   model = models.build(config.model, mode=config.mode, input_shape=input_shape,
-                       tau_prox=config.tau_prox, axis_name=axis_name, seed=config.seed)
+                       tau_prox=config.tau_prox, axis_name=axis_name, seed=config.seed,
+                       plain_head=config.plain_head)
   tx = optimizers.make(config.optimizer, config.lr, momentum=config.momentum,
                        weight_decay=config.weight_decay)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -109,3 +109,25 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_a_resumable_folder(tmp_pat
     argv = shlex.split(said[out][0].split("continue with: ")[1])[3:]
     cifar.main(argv + ["--epochs", str(epochs)])
     helpers.check_run_files(out, [], epochs=epochs)
+
+
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+def test_converted_models_end_to_end_on_digits_and_mock_cifar10(tmp_path, model):
+  # Digits (8x8x1) and mock CIFAR-10 (32x32x3): every file with every field; the run's
+  # checkpoint, evaluated independently in eval mode, gives the logged validation accuracy.
+  flags = ["--model", model, "--mode", "prox_cg3", "--tau-prox", "0.5", "--train-samples",
+           "200", "--batch-size", "100", "--epochs", "2", "--dataset", "digits"]
+  out = str(tmp_path / "digits")
+  cifar.main(flags + ["--out", out, "--quiet"])
+  _, metrics, _ = helpers.check_run_files(out, flags)
+  trained, _ = train.load_model(out, (8, 8, 1))
+  trained.eval()
+  x, y = data.load("digits", seed=0)["val"]
+  acc = (np.asarray(trained(jnp.asarray(x))).argmax(1) == y).mean()
+  assert metrics[-1]["val_acc"] == acc
+  flags = ["--model", model, "--mode", "prox_exact", "--train-samples", "16", "--batch-size",
+           "8", "--epochs", "2", "--dataset", "cifar10"]
+  out = str(tmp_path / "cifar10")
+  with tfds.testing.mock_data(num_examples=16):
+    cifar.main(flags + ["--out", out, "--data-dir", str(tmp_path), "--quiet"])
+  helpers.check_run_files(out, flags)

@@ -98,3 +98,28 @@ def test_cross_entropy_equals_the_float64_formula():
   expected = -(shifted - np.log(np.exp(shifted).sum(1, keepdims=True)))[np.arange(7), labels]
   got = models.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
   assert float(got) == pytest.approx(expected.mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+@pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
+def test_converted_models_keep_the_plain_models_parameters_and_forward(name, shape):
+  plain = models.build(name, mode="backprop", input_shape=shape, seed=2)
+  prox = models.build(name, mode="prox_cg3", input_shape=shape, tau_prox=0.5, seed=2)
+  assert jax.tree.all(jax.tree.map(np.array_equal, nnx.state(plain, nnx.Param),
+                                   nnx.state(prox, nnx.Param)))
+  x = jax.random.uniform(jax.random.key(0), (4,) + shape)
+  for mode in ("train", "eval"):
+    for m in (plain, prox):
+      getattr(m, mode)()
+    out = prox(x)
+    assert out.shape == (4, 10)
+    np.testing.assert_allclose(out, plain(x), rtol=1e-6, atol=1e-6)
+  # Every layer with parameters is a ProxProp layer, the head included (but not the ViT's
+  # position embedding, a bare parameter).
+  with_params = [m for _, m in nnx.iter_graph(prox) if isinstance(m, nnx.Module)
+                 and any(isinstance(v, nnx.Param) for v in vars(m).values())]
+  converted = [m for m in with_params if isinstance(m, pp.ProxLayer)]
+  assert prox.head in converted and len(converted) == len(with_params) - (name == "vit")
+  assert all(m.mode == "prox_cg3" and float(m.tau_prox[...]) == 0.5 for m in converted)
+  kept = models.build(name, mode="prox_cg3", input_shape=shape, plain_head=True)
+  assert not isinstance(kept.head, pp.ProxLayer)
