@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 
-from proxprop_jax import flax_common, ops
+from proxprop_jax import flax_common, ops, solvers
 from proxprop_jax.flax_common import ProxLayer
 from proxprop_jax.modes import check_tau
 
@@ -235,7 +235,7 @@ def _normalized(flax_cls, module, promoted, *args, **kwargs):
   view.scale = view.bias = None
   view.axis_name = module.stats_axis_name
   view.promote_dtype = lambda inputs, dtype=None, **_: promoted
-  view.dtype = jnp.promote_types(x.dtype if module.dtype is None else module.dtype, jnp.float32)
+  view.dtype = solvers.solve_dtype(x.dtype if module.dtype is None else module.dtype)
   return flax_cls.__call__(view, x, *args, **kwargs)
 
 
