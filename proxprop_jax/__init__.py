@@ -12,6 +12,8 @@ from proxprop_jax.nnx import Conv, Linear, TauProx, check_linear, prox_module
 from proxprop_jax.ops import MAX_EXACT_PARAMS, SOLVE_PRECISION, conv, dense, proximal
 from proxprop_jax.planner import Plan
 from proxprop_jax.pooling import max_pool
+from proxprop_jax.nnx import BatchNorm, Embed, GroupNorm, LayerNorm, RMSNorm
+from proxprop_jax.ops import embed, norm_affine
 
 __version__ = "0.1.0"
 
@@ -20,3 +22,4 @@ __all__ = [
     "TauProx", "VALID_MODES", "check_linear", "check_tau", "conv", "dense", "linen", "max_pool",
     "parallel", "parse_mode", "planner", "prox_module", "proximal",
 ]
+__all__ += ["BatchNorm", "Embed", "GroupNorm", "LayerNorm", "RMSNorm", "embed", "norm_affine"]

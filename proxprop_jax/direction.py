@@ -60,3 +60,12 @@ def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precis
   evals, evecs, keep = solvers.eigh_psd(row_gram)
   coeffs = matmul(transpose(evecs), g, precision) * keep[..., None]
   return a_transpose(evecs, solvers.eig_cg(evals, coeffs, lam, steps, weights=evals))
+
+
+def diagonal(evals, grad, lam, steps: int | None):
+  """``D`` for a diagonal ``AᵀA = diag(s)`` (an embedding's token counts), ``s`` (n,) and
+  ``Aᵀg`` (n, k): ``Aᵀg / (s + λ)`` row-wise for ``steps=None`` (exact), else ``steps``
+  textbook CG iterations per column (`solvers.eig_cg` with the identity basis)."""
+  if steps is None:
+    return grad / (evals + lam)[:, None]
+  return solvers.eig_cg(evals, grad, lam, steps)

@@ -148,3 +148,112 @@ class Conv:
   def from_columns(self, d, kernel_shape):
     kernel = d[:, : d.shape[1] - self.use_bias].transpose(1, 0, 2).reshape(kernel_shape)
     return kernel, (d[:, -1].reshape(-1) if self.use_bias else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormAffine:
+  """The affine part of a normalisation layer, ``z = x̂ ⊙ scale + bias`` per feature.
+
+  ``x̂`` is the normalised input; ``feature_axes`` (sorted, non-negative) index its
+  features ``f`` (flattened in C order, like flax's ``scale.reshape``), every other
+  axis is a row. Output feature ``f`` only reads ``θ_f = (scale_f, bias_f)``, so
+  each feature is one block: ``A_f = [x̂[:, f], 1]`` over all rows, ``B = F``
+  blocks of ``p = use_scale + use_bias ≤ 2`` parameters and ``k = 1`` column.
+  """
+
+  feature_axes: tuple[int, ...]
+  use_scale: bool
+  use_bias: bool
+
+  def _feature_shape(self, x_shape):
+    """``scale``'s broadcast shape: ``x``'s sizes at the feature axes, 1 elsewhere."""
+    return tuple(n if i in self.feature_axes else 1 for i, n in enumerate(x_shape))
+
+  def _row_axes(self, ndim):
+    return tuple(i for i in range(ndim) if i not in self.feature_axes)
+
+  def apply(self, x, scale, bias):
+    shape = self._feature_shape(x.shape)
+    z = x if scale is None else x * scale.reshape(shape)
+    return z if bias is None else z + bias.reshape(shape)
+
+  def problem(self, x_shape, devices: int) -> Problem:
+    features = math.prod(x_shape[i] for i in self.feature_axes)
+    rows = math.prod(x_shape) // features * devices
+    # Σ x̂² and Σ x̂ per feature: a few elementwise FLOPs per entry of x̂.
+    return Problem(features, rows, self.use_scale + self.use_bias, 1, 3.0 * rows * features)
+
+  def _by_feature(self, x):
+    """``(F, rows)``: the features first (flattened), the rows after."""
+    x = jnp.moveaxis(x, self.feature_axes, tuple(range(len(self.feature_axes))))
+    return x.reshape(math.prod(x.shape[: len(self.feature_axes)]), -1)
+
+  def matrix(self, x):
+    a = self._by_feature(x)[..., None]
+    return a if self.use_scale else a[..., :0]
+
+  def gram(self, x, precision=None):
+    """``[[Σ x̂², Σ x̂], [Σ x̂, rows]]`` per feature (the entries that are used)."""
+    rows = self._row_axes(x.ndim)
+    features = math.prod(x.shape[i] for i in self.feature_axes)
+    count = jnp.full((features,), math.prod(x.shape[i] for i in rows), x.dtype)
+    if not self.use_scale:
+      return count[:, None, None]
+    sxx, sx = (jnp.sum(v, axis=rows).reshape(-1) for v in (x * x, x))
+    if not self.use_bias:
+      return sxx[:, None, None]
+    return jnp.stack([jnp.stack([sxx, sx], -1), jnp.stack([sx, count], -1)], -2)
+
+  def cotangent_rows(self, g):
+    return self._by_feature(g)[..., None]
+
+  def gradient(self, x, g):
+    """``Aᵀg`` per feature, ``(F, p, 1)``: ``(Σ x̂ g, Σ g)`` over the rows (the entries used).
+
+    Written out rather than transposed: with ``bias`` only the layer ``x̂ + bias`` is
+    affine, not linear, in its arguments."""
+    rows = self._row_axes(x.ndim)
+    parts = ([jnp.sum(x * g, axis=rows)] if self.use_scale else []) + (
+        [jnp.sum(g, axis=rows)] if self.use_bias else [])
+    return jnp.stack([v.reshape(-1) for v in parts], axis=-1)[..., None]
+
+  def from_columns(self, d):
+    """``(scale, bias)`` directions, ``(F,)`` each (None where the layer has none)."""
+    return (d[:, 0, 0] if self.use_scale else None), (d[:, -1, 0] if self.use_bias else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embed:
+  """A lookup ``z = onehot(ids) θ`` of rows of the ``(V, d)`` table ``θ``.
+
+  ``A = onehot(ids)`` (one row per id) is never formed: ``AᵀA = diag(counts)``, the
+  number of times each token occurs, and ``Aᵀg`` adds each row of ``g`` into its
+  token's row. Both come from transposing the lookup itself, so ids outside
+  ``[0, V)`` count exactly as ``jnp.take`` treats them. The ``d`` columns of ``θ``
+  share one diagonal system (``B = 1``, ``p = V``, ``k = d``). A table with one row
+  is broadcast, as in ``nnx.Embed``.
+  """
+
+  num_embeddings: int
+
+  def apply(self, ids, table):
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(table, ids.shape + table.shape[1:])
+    return jnp.take(table, ids, axis=0)
+
+  def problem(self, ids_shape, table_shape, devices: int) -> Problem:
+    rows = math.prod(ids_shape) * devices
+    return Problem(1, rows, table_shape[0], table_shape[1], float(rows))
+
+  def counts(self, ids, dtype):
+    """``diag(AᵀA)``: how often each of the ``V`` tokens occurs in ``ids``, as ``dtype``."""
+    lookup = lambda column: self.apply(ids, column[:, None])[..., 0]
+    (counts,) = jax.linear_transpose(lookup, jax.ShapeDtypeStruct((self.num_embeddings,), dtype))(
+        jnp.ones(ids.shape, dtype))
+    return counts
+
+  def gradient(self, ids, g):
+    """``Aᵀg``, ``(V, d)``: the rows of ``g`` summed per token."""
+    table = jax.ShapeDtypeStruct((self.num_embeddings, g.shape[-1]), g.dtype)
+    (grad,) = jax.linear_transpose(lambda t: self.apply(ids, t), table)(g)
+    return grad

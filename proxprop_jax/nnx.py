@@ -14,12 +14,15 @@ between steps does not retrace a jitted step.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
 
-from proxprop_jax import flax_common, ops
+from proxprop_jax import flax_common, ops, solvers
 from proxprop_jax.flax_common import ProxLayer
 from proxprop_jax.modes import check_tau
 
@@ -175,3 +178,160 @@ def check_linear(module: nnx.Module, *args, seed: int = 0, rtol: float = 1e-4) -
         f"step needs a layer z = A(x) θ that is linear in θ (no activation, no constant "
         f"offset inside the layer).")
   return error
+
+
+# ------------------------------------------------------------- embeddings and norm layers
+
+
+class Embed(ProxLayer, nnx.Embed):
+  """``nnx.Embed`` whose table's cotangent is the ProxProp direction of its lookups.
+
+  ``AᵀA`` is the diagonal of token counts (see `proxprop_jax.embed`). ``attend``
+  (the product with the table, e.g. tied output logits) is ``nnx.Embed``'s own:
+  its share of the table's cotangent is the plain gradient, added to the lookups'
+  direction. Extra arguments as `Linear`.
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, mode="prox_cg1", tau_prox=1.0,
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+    super().__init__(num_embeddings, features, **kwargs)
+
+  def __call__(self, inputs, out_sharding=None):
+    _check_out_sharding("pp.Embed", out_sharding)
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError("Input type must be an integer or unsigned integer.")
+    (embedding,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
+    return ops.embed(inputs, embedding, **prox_kwargs(self))
+
+
+def _init_norm(module, flax_cls, args, kwargs, prox_settings, stats_axis_name) -> None:
+  """Builds the flax norm layer, then stores flax's ``axis_name`` (the statistics'
+  axis) as ``stats_axis_name``: ``axis_name`` is ProxProp's batch axis, as in every
+  ProxProp layer."""
+  init_prox(module, *prox_settings)
+  prox_axis = module.axis_name
+  flax_cls.__init__(module, *args, axis_name=stats_axis_name, **kwargs)
+  module.stats_axis_name, module.axis_name = module.axis_name, prox_axis
+
+
+def _normalized(flax_cls, module, promoted, *args, **kwargs):
+  """``x̂``: ``flax_cls.__call__`` itself, run on a view of ``module`` without scale and bias.
+
+  Args:
+    promoted: the call's inputs as the layer's ``promote_dtype`` made them (with the
+      real scale and bias), scale and bias replaced by None: the view hands them back
+      from its ``promote_dtype``, so ``x`` (and BatchNorm's running statistics) have
+      flax's dtypes.
+    *args, **kwargs: the rest of the flax call (``use_running_average``, ``mask``).
+
+  The view computes statistics over ``stats_axis_name`` and returns ``x̂`` in the
+  dtype flax computes it in (at least float32), not rounded to the output dtype.
+  BatchNorm's running statistics are the module's own variables: flax's code
+  updates them.
+  """
+  x = promoted[0]
+  view = types.SimpleNamespace(**vars(module))
+  view.scale = view.bias = None
+  view.axis_name = module.stats_axis_name
+  view.promote_dtype = lambda inputs, dtype=None, **_: promoted
+  view.dtype = solvers.solve_dtype(x.dtype if module.dtype is None else module.dtype)
+  return flax_cls.__call__(view, x, *args, **kwargs)
+
+
+def _scale_and_bias(module):
+  return tuple(None if v is None else v[...] for v in (module.scale, module.bias))
+
+
+def _affine(module, x, xhat, scale, bias, feature_axes):
+  """``x̂ ⊙ scale + bias`` through `ops.norm_affine`, in the flax layer's output dtype."""
+  dtype = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+  z = ops.norm_affine(xhat, scale, bias, feature_axes=feature_axes, **prox_kwargs(module))
+  return z.astype(dtype)
+
+
+_NORM_DOC = """
+  ``x̂`` is computed by flax's own code; the affine part ``x̂ ⊙ scale + bias`` is
+  `proxprop_jax.norm_affine`: one 2×2 system per feature (1×1 with only scale or
+  only bias) over every position that shares the feature. Same arguments,
+  parameters and initialisers as the flax layer, plus ``mode``, ``tau_prox``,
+  ``axis_name`` (ProxProp's batch axis, as in `Linear`) and ``solve_precision``.
+  The flax layer's own ``axis_name`` (the axis its statistics are averaged over)
+  is ``stats_axis_name``, default {stats}.
+"""
+
+
+class LayerNorm(ProxLayer, nnx.LayerNorm):
+  __doc__ = "``nnx.LayerNorm`` with a ProxProp direction for its scale and bias.\n" + (
+      _NORM_DOC.format(stats="None (the statistics are per example)"))
+
+  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    _init_norm(self, nnx.LayerNorm, (num_features,), kwargs,
+               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+
+  def __call__(self, x, *, mask=None):
+    x, scale, bias = self.promote_dtype((x, *_scale_and_bias(self)), dtype=self.dtype)
+    xhat = _normalized(nnx.LayerNorm, self, (x, None, None), mask=mask)
+    return _affine(self, x, xhat, scale, bias, self.feature_axes)
+
+
+class RMSNorm(ProxLayer, nnx.RMSNorm):
+  __doc__ = "``nnx.RMSNorm`` with a ProxProp direction for its scale (no bias).\n" + (
+      _NORM_DOC.format(stats="None (the statistics are per example)"))
+
+  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    _init_norm(self, nnx.RMSNorm, (num_features,), kwargs,
+               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+
+  def __call__(self, x, mask=None):
+    scale = None if self.scale is None else self.scale[...]
+    x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
+    xhat = _normalized(nnx.RMSNorm, self, (x, None), mask=mask)
+    return _affine(self, x, xhat, scale, None, self.feature_axes)
+
+
+class GroupNorm(ProxLayer, nnx.GroupNorm):
+  __doc__ = "``nnx.GroupNorm`` with a ProxProp direction for its scale and bias.\n" + (
+      _NORM_DOC.format(stats="None (the statistics are per example)"))
+
+  def __init__(self, num_features: int, num_groups=32, group_size=None, *, mode="prox_cg1",
+               tau_prox=1.0, axis_name=None, stats_axis_name=None,
+               solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    _init_norm(self, nnx.GroupNorm, (num_features, num_groups, group_size), kwargs,
+               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+
+  def __call__(self, x, *, mask=None):
+    x, scale, bias = self.promote_dtype((x, *_scale_and_bias(self)), dtype=self.dtype)
+    xhat = _normalized(nnx.GroupNorm, self, (x, None, None), mask=mask)
+    return _affine(self, x, xhat, scale, bias, self.feature_axis)
+
+
+#: `BatchNorm`'s default ``stats_axis_name``: its ``axis_name``.
+_LIKE_AXIS_NAME = "same as axis_name"
+
+
+class BatchNorm(ProxLayer, nnx.BatchNorm):
+  __doc__ = "``nnx.BatchNorm`` with a ProxProp direction for its scale and bias.\n" + (
+      _NORM_DOC.format(stats="``axis_name`` (statistics of the batch that ProxProp's "
+                       "systems span: ``pp.BatchNorm(axis_name=...)`` normalises like "
+                       "``nnx.BatchNorm(axis_name=...)``)")) + """
+  Running statistics, ``use_running_average`` (constructor, call, ``train()``/
+  ``eval()``) and ``momentum`` behave exactly as in ``nnx.BatchNorm``.
+"""
+
+  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+               stats_axis_name=_LIKE_AXIS_NAME, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    if stats_axis_name is _LIKE_AXIS_NAME:
+      stats_axis_name = axis_name
+    _init_norm(self, nnx.BatchNorm, (num_features,), kwargs,
+               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    scale, bias = _scale_and_bias(self)
+    x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias),
+                                                   dtype=self.dtype)
+    xhat = _normalized(nnx.BatchNorm, self, (x, mean, var, None, None), use_running_average,
+                       mask=mask)
+    return _affine(self, x, xhat, scale, bias, self.axis)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -318,3 +319,147 @@ _proximal.defvjp(_proximal_fwd, spmd.global_view(_proximal_bwd))
 
 __all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
            "proximal"]
+
+
+# ------------------------------------------------- norm layers' affine part, embeddings
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _prox_norm_affine(kind, cfg, x, scale, bias, lam):
+  return kind.apply(x, scale, bias)
+
+
+def _prox_norm_affine_fwd(kind, cfg, x, scale, bias, lam):
+  return kind.apply(x, scale, bias), (x, scale, bias, lam)
+
+
+def _prox_norm_affine_bwd(kind, cfg, residuals, g):
+  x, scale, bias, lam = residuals
+  # x ↦ x ⊙ scale is diagonal, hence its own transpose.
+  dx = kind.apply(g, scale, None).astype(x.dtype)
+  params = [v for v in (scale, bias) if v is not None]
+  dtype = solvers.solve_dtype(x.dtype, g.dtype, *(v.dtype for v in params))
+  xs, gs = x.astype(dtype), g.astype(dtype)
+  problem = kind.problem(x.shape, spmd.axis_size(cfg.axis_name))
+  plan = cfg.plan or planner.plan(problem, cfg.mode)
+  planner.record(problem, plan)
+  d = _direction(plan, kind, cfg, xs, gs, kind.gradient(xs, gs), jnp.asarray(lam, dtype))
+  cast = lambda d, p: None if p is None else spmd.vary_like(d.astype(p.dtype), p)
+  dscale, dbias = kind.from_columns(d)
+  return dx, cast(dscale, scale), cast(dbias, bias), jnp.zeros_like(lam)
+
+
+_prox_norm_affine.defvjp(_prox_norm_affine_fwd, spmd.global_view(_prox_norm_affine_bwd))
+
+
+def norm_affine(x, scale=None, bias=None, *, feature_axes=-1, mode="prox_cg1", tau_prox=1.0,
+                axis_name=None, solve_precision=SOLVE_PRECISION, plan=None):
+  """The affine part of a normalisation layer, ``z = x ⊙ scale + bias`` per feature,
+  with a ProxProp backward pass.
+
+  ``x`` is the normalised input ``x̂`` (LayerNorm, RMSNorm, BatchNorm, GroupNorm
+  compute it; its cotangent is ordinary backprop). Feature ``f`` has its own
+  system with ``A_f = [x̂[:, f], 1]`` over every row (all positions of ``x`` that
+  share feature ``f``): a 2×2 system per feature (1×1 with only one of ``scale``,
+  ``bias``), whose CG is one CG per feature.
+
+  Args:
+    x: the normalised input, any shape.
+    scale, bias: ``(F,)`` or None, ``F`` the product of ``x``'s sizes at
+      ``feature_axes`` (flattened in C order, as flax reshapes them).
+    feature_axes: an axis or a tuple of axes of ``x``.
+    mode, tau_prox, axis_name, solve_precision, plan: as in `dense` (the planner
+      picks the parameter space except for fewer rows than parameters).
+
+  Returns:
+    ``z``, shaped like ``x``.
+  """
+  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan)
+  if cfg.plan is not None and cfg.plan.solver == "diagonal":
+    raise ValueError(f"pp.norm_affine solves 2x2 systems: a plan with solver 'diagonal' "
+                     f"(embeddings) does not apply; got {cfg.plan}.")
+  ndim = jnp.ndim(x)
+  axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
+  if not axes or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes) or len(
+      {a % ndim for a in axes}) != len(axes):
+    raise ValueError(f"pp.norm_affine expects feature_axes: distinct axes of x (shape "
+                     f"{jnp.shape(x)}), an int or a tuple of ints; got {feature_axes!r}.")
+  axes = tuple(sorted(a % ndim for a in axes))
+  features = math.prod(jnp.shape(x)[a] for a in axes)
+  for name, value in (("scale", scale), ("bias", bias)):
+    if value is not None and jnp.shape(value) != (features,):
+      raise ValueError(f"pp.norm_affine expects {name} of shape ({features},) for x "
+                       f"{jnp.shape(x)} with feature_axes {feature_axes!r}; got "
+                       f"{jnp.shape(value)}.")
+  kind = layers.NormAffine(axes, scale is not None, bias is not None)
+  if (scale is None and bias is None) or (
+      cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None):
+    return kind.apply(x, scale, bias)
+  return _prox_norm_affine(kind, cfg, x, scale, bias, damping(tau_prox))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _prox_embed(kind, cfg, ids, table, lam):
+  return kind.apply(ids, table)
+
+
+def _prox_embed_fwd(kind, cfg, ids, table, lam):
+  return kind.apply(ids, table), (ids, table, lam)
+
+
+def _prox_embed_bwd(kind, cfg, residuals, g):
+  ids, table, lam = residuals
+  dtype = solvers.solve_dtype(table.dtype, g.dtype)
+  g = g.astype(dtype)
+  problem = kind.problem(ids.shape, table.shape, spmd.axis_size(cfg.axis_name))
+  plan = cfg.plan or planner.Plan(*(("gradient", "none") if cfg.mode.is_gradient else
+                                    ("parameter", "diagonal")))
+  planner.record(problem, plan)
+  d = spmd.reduce(lax.pmean, kind.gradient(ids, g), cfg.axis_name, g)
+  if plan.system != "gradient":
+    counts = spmd.reduce(lax.psum, kind.counts(ids, dtype), cfg.axis_name, ids)
+    d = direction.diagonal(counts, d, jnp.asarray(lam, dtype), cfg.mode.cg_steps)
+  # Integer ids have no cotangent (None: a symbolic zero).
+  return None, spmd.vary_like(d.astype(table.dtype), table), jnp.zeros_like(lam)
+
+
+_prox_embed.defvjp(_prox_embed_fwd, _prox_embed_bwd)
+
+
+def embed(ids, table, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+          solve_precision=SOLVE_PRECISION, plan=None):
+  """An embedding lookup ``z = table[ids]`` with a ProxProp backward pass.
+
+  ``z = onehot(ids) θ``: ``AᵀA = diag(counts)`` (how often each token occurs over
+  every id of the batch) and ``Aᵀg`` the rows of ``g`` summed per token, so
+  ``prox_exact`` is ``D = Aᵀg / (counts + λ)`` row-wise and ``prox_cgN`` is
+  textbook CG on that diagonal system per column of ``θ``. No one-hot matrix is
+  formed. Tokens absent from the batch get ``D = 0``.
+
+  Args:
+    ids: integer array, any shape; every id is a row of ``A``.
+    table: ``(V, d)``. With ``V = 1`` the row is broadcast (as ``nnx.Embed``).
+    mode, tau_prox, axis_name, plan: as in `dense`; ``plan`` may only be
+      ``Plan("parameter", "diagonal")`` (the default) or ``Plan("gradient", "none")``.
+    solve_precision: accepted for a uniform signature; this direction has no
+      matrix products.
+
+  Returns:
+    ``z`` of shape ``(*ids.shape, d)``.
+  """
+  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan)
+  if cfg.plan is not None and cfg.plan.solver not in ("none", "diagonal"):
+    raise ValueError(f"pp.embed's AᵀA is diagonal: plan must be Plan('parameter', 'diagonal') "
+                     f"or Plan('gradient', 'none') (or None); got {cfg.plan}.")
+  if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+    raise ValueError(f"pp.embed expects integer ids; got dtype {jnp.result_type(ids)}.")
+  if jnp.ndim(table) != 2:
+    raise ValueError(f"pp.embed expects a table of shape (num_embeddings, features); got "
+                     f"{jnp.shape(table)}.")
+  kind = layers.Embed(jnp.shape(table)[0])
+  if cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None:
+    return kind.apply(ids, table)
+  return _prox_embed(kind, cfg, ids, table, damping(tau_prox))
+
+
+__all__ += ["embed", "norm_affine"]

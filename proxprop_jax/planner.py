@@ -15,6 +15,9 @@ every plan gives the same ``D`` up to rounding:
 * **multiply_a_first** (batch space with ``"inverse"``/``"eig_cg"`` only): form
   ``Aᵀ·M`` for the ``rows × rows`` matrix ``M`` before applying it to the
   right-hand side, cheaper when ``p`` is smaller than the number of columns ``k``.
+* solver ``"diagonal"`` (system ``"parameter"``, embeddings only): ``AᵀA`` is
+  diagonal (token counts), so ``prox_exact`` divides and ``prox_cgN`` runs CG's
+  diagonal recurrence (`direction.diagonal`); there is nothing to choose.
 
 `plan` estimates each choice's cost in matrix-product FLOPs with per-backend
 constants (`COSTS`) and returns the cheapest as a frozen, printable value. The
@@ -35,7 +38,7 @@ from proxprop_jax.layers import Problem
 from proxprop_jax.modes import Mode
 
 SYSTEMS = ("gradient", "batch", "parameter")
-SOLVERS = ("none", "cholesky", "inverse", "cg", "eig_cg")
+SOLVERS = ("none", "cholesky", "inverse", "cg", "eig_cg", "diagonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +61,13 @@ class Plan:
                                       and self.solver in ("inverse", "eig_cg")):
       raise ValueError(f"Plan: multiply_a_first applies to system 'batch' with solver "
                        f"'inverse' or 'eig_cg' only; got {self}.")
+    if self.solver == "diagonal" and self.system != "parameter":
+      raise ValueError(f"Plan: solver 'diagonal' goes with system 'parameter'; got {self}.")
 
   def check(self, mode: Mode) -> None:
     """Raises unless this plan computes ``mode``'s direction."""
     wanted = ("none",) if mode.is_gradient else (
-        ("cholesky", "inverse") if mode.is_exact else ("cg", "eig_cg"))
+        ("cholesky", "inverse", "diagonal") if mode.is_exact else ("cg", "eig_cg", "diagonal"))
     if self.solver not in wanted:
       raise ValueError(f"{self} cannot compute mode {mode.name!r}: its solver must be one "
                        f"of {wanted}.")
