@@ -8,7 +8,9 @@ from proxprop_jax import linen, parallel, planner
 from proxprop_jax.flax_common import ProxLayer
 from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, TauProx, check_linear, prox_module
+from proxprop_jax.nnx import Einsum, LinearGeneral
 from proxprop_jax.ops import MAX_EXACT_PARAMS, SOLVE_PRECISION, conv, dense, proximal
+from proxprop_jax.ops import dense_general, einsum
 from proxprop_jax.planner import Plan
 
 __version__ = "0.1.0"
@@ -18,3 +20,4 @@ __all__ = [
     "TauProx", "VALID_MODES", "check_linear", "check_tau", "conv", "dense", "linen", "parallel",
     "parse_mode", "planner", "prox_module", "proximal",
 ]
+__all__ += ["Einsum", "LinearGeneral", "dense_general", "einsum"]

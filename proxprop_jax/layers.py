@@ -148,3 +148,48 @@ class Conv:
   def from_columns(self, d, kernel_shape):
     kernel = d[:, : d.shape[1] - self.use_bias].transpose(1, 0, 2).reshape(kernel_shape)
     return kernel, (d[:, -1].reshape(-1) if self.use_bias else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDense:
+  """One dense layer per block over shared rows: ``z[r, b] = x[r, b] W[b] + bias[b]``.
+
+  ``x`` is ``(R, B, p0)``, ``kernel`` ``(B, p0, k)``, ``bias`` ``(B, k)``, ``z``
+  ``(R, B, k)``; block ``b`` has ``A_b = [x[:, b], 1]``. The rows come first, like
+  `Dense`'s, so the batch gather over devices concatenates axis 0 here too. The
+  layout of a contraction with axes shared by the input, the kernel and the
+  output (per-head projections, ``LinearGeneral``'s ``batch_axis``).
+  """
+
+  use_bias: bool
+
+  def apply(self, x, kernel, bias, precision=None):
+    z = lax.dot_general(x, kernel, (((2,), (1,)), ((1,), (0,))), precision=precision)
+    z = jnp.swapaxes(z, 0, 1)  # dot_general puts the block axis first
+    return z if bias is None else z + bias
+
+  def problem(self, x_shape, kernel_shape, devices: int) -> Problem:
+    rows, blocks, p = x_shape[0] * devices, x_shape[1], x_shape[2] + self.use_bias
+    return Problem(blocks, rows, p, kernel_shape[-1], 2.0 * blocks * rows * p * p)
+
+  def matrix(self, x):
+    return jnp.swapaxes(x, 0, 1)
+
+  def gram(self, x, precision=None):
+    a = self.matrix(x)
+    ata = jnp.matmul(jnp.swapaxes(a, 1, 2), a, precision=precision)
+    if self.use_bias:
+      col = jnp.sum(a, axis=1)
+      corner = jnp.full((a.shape[0], 1, 1), a.shape[1], a.dtype)
+      ata = jnp.concatenate([jnp.concatenate([ata, col[:, :, None]], axis=2),
+                             jnp.concatenate([col[:, None, :], corner], axis=2)], axis=1)
+    return ata
+
+  def cotangent_rows(self, g):
+    return jnp.swapaxes(g, 0, 1)
+
+  def to_columns(self, kernel, bias):
+    return _append_bias(kernel, bias)
+
+  def from_columns(self, d, kernel_shape):
+    return d[:, : kernel_shape[1]], (d[:, -1] if self.use_bias else None)
