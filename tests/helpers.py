@@ -38,3 +38,26 @@ def matrix_free_direction(layer_fn, x, kernel, bias, g, lam, steps):
 
   dk, db = jax.vmap(column, out_axes=-1)(jnp.arange(kernel.shape[-1]))
   return dk, db
+
+
+def product_precisions(closed_jaxpr) -> list:
+  """The ``precision`` of every matrix product and convolution in a jaxpr, sub-jaxprs
+  (loops, custom rules, jit) included; one entry per product (the lhs/rhs pair collapsed,
+  unset as ``DEFAULT``)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        p = eqn.params["precision"]
+        p = p[0] if isinstance(p, tuple) else p
+        found.append(jax.lax.Precision.DEFAULT if p is None else p)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found
