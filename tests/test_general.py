@@ -158,3 +158,172 @@ def test_direction_matches_numpy_per_system(name):
     want, systems = _reference_direction(theirs, x, c, mode)
     assert systems == _systems(name)
     assert rel_err(got, want) <= 1e-8, (name, mode, rel_err(got, want))
+
+
+EXACT_PLANS = [pp.Plan(s, v, m) for s in ("batch", "parameter") for v in ("cholesky", "inverse")
+               for m in (False, True) if not (m and (s == "parameter" or v == "cholesky"))]
+CG_PLANS = [pp.Plan(s, v, m) for s in ("batch", "parameter") for v in ("cg", "eig_cg")
+            for m in (False, True) if not (m and (s == "parameter" or v == "cg"))]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("x_shape,kernel_shape", [((1, 3, 2, 8), (2, 8, 12)),
+                                                  ((4, 10, 2, 3), (2, 3, 2))],
+                         ids=["rows<p<k", "rows>p"])
+def test_every_plan_of_the_block_systems_matches_numpy(x_shape, kernel_shape):
+  # Per-head weights: one system per head and output feature, in both systems, with
+  # every solver and multiplication order.
+  equation = "btnh,nhk->btnk"
+  theirs = nnx.Einsum(equation, kernel_shape, kernel_shape[::2], param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=x_shape))
+  kernel, bias = theirs.kernel[...], jnp.asarray(rng.normal(size=theirs.bias.shape))
+  theirs.bias[...] = bias
+  c = jnp.asarray(rng.normal(size=theirs(x).shape))
+  cases = [(m, p) for m in ("prox_exact", "prox_cg3")
+           for p in (EXACT_PLANS if m == "prox_exact" else CG_PLANS)]
+
+  @jax.jit
+  def directions(x, kernel, bias, c):
+    return [ravel_pytree(jax.grad(lambda k, b: jnp.sum(c * pp.einsum(
+        equation, x, k, b, mode=m, tau_prox=1 / LAM, plan=p)), argnums=(0, 1))(kernel, bias)
+                         [::-1])[0] for m, p in cases]  # bias first, like the flax state
+
+  want = {m: _reference_direction(theirs, x, c, m)[0] for m in ("prox_exact", "prox_cg3")}
+  for (mode, plan), got in zip(cases, directions(x, kernel, bias, c)):
+    assert rel_err(got, want[mode]) <= 1e-8, (mode, plan, rel_err(got, want[mode]))
+
+
+# ------------------------------------------------------------------- several devices
+
+
+@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
+def test_vmap_over_an_axis_gives_the_global_direction(mode):
+  # vmap with axis_name runs the collectives like devices would: 4 shards of the rows,
+  # which for the batch-axis layer are its second axis (its first is the block axis).
+  rng = np.random.default_rng(0)
+  cases = [
+      (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw), 0,
+       (8, 2, 2, 3), (2, 3, 4), (2, 4)),                                     # parameter space
+      (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw), 0,
+       (8, 1, 2, 12), (2, 12, 4), (2, 4)),                                   # batch space
+      (lambda x, k, b, **kw: pp.dense_general(x, k, b, batch_dims=(0,), **kw), 1,
+       (2, 8, 12), (2, 12, 3), (2, 3)),                                      # batch space
+      (lambda x, k, b, **kw: pp.dense_general(x, k, b, axis=(-2, -1), **kw), 0,
+       (8, 2, 2), (2, 2, 3), (3,)),                                          # no blocks
+  ]
+  with pp.planner.recording() as plans:
+    for layer, split, x_shape, k_shape, b_shape in cases:
+      x, kernel = jnp.asarray(rng.normal(size=x_shape)), jnp.asarray(rng.normal(size=k_shape))
+      bias = jnp.asarray(rng.normal(size=b_shape))
+      target = jnp.asarray(rng.normal(size=layer(x, kernel, bias, mode="gradient").shape))
+
+      def direction(x, target, axis_name):
+        loss = lambda k, b: 0.5 * jnp.mean(
+            (layer(x, k, b, mode=mode, tau_prox=0.5, axis_name=axis_name) - target) ** 2)
+        return jax.grad(loss, argnums=(0, 1))(kernel, bias)
+
+      want = jax.jit(direction, static_argnums=2)(x, target, None)
+      shards = lambda a: jnp.moveaxis(a.reshape(*a.shape[:split], 4, -1, *a.shape[split + 1:]),
+                                      split, 0)
+      got = jax.jit(jax.vmap(lambda x, t: direction(x, t, "data"), axis_name="data"))(
+          shards(x), shards(target))
+      for d, w in zip(got, want):  # every shard gets the direction of the global batch
+        for shard in d:
+          np.testing.assert_allclose(shard, w, rtol=2e-5, atol=1e-6)
+  assert {plan.system for _, plan in plans} == {"batch", "parameter"}
+
+
+# ------------------------------------------------------------------ precision, dtypes
+
+
+PRECISION_CASES = {
+    "per-head": (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw),
+                 (2, 3, 2, 4), (2, 4, 3), (2, 3)),
+    "batch-dims": (lambda x, k, b, **kw: pp.dense_general(x, k, b, batch_dims=(0,), **kw),
+                   (2, 6, 4), (2, 4, 3), (2, 3)),
+    "mha-out": (lambda x, k, b, **kw: pp.einsum("btnh,nhd->btd", x, k, b, **kw),
+                (2, 3, 2, 4), (2, 4, 5), (5,)),
+}
+PRECISION_PLANS = {"prox_exact": [None, pp.Plan("batch", "inverse", True),
+                                  pp.Plan("parameter", "cholesky")],
+                   "prox_cg3": [None, pp.Plan("batch", "eig_cg"), pp.Plan("parameter", "cg")]}
+
+
+@pytest.mark.parametrize("name", PRECISION_CASES)
+def test_direction_products_run_at_solve_precision(name):
+  # Under bfloat16 default matmuls (a TPU's default), every product that computes the
+  # direction carries solve_precision; the forward pass and the input cotangent keep the
+  # user's precision: exactly as many products as the plain layer's forward and input vjp.
+  layer, x_shape, k_shape, b_shape = PRECISION_CASES[name]
+  x, k, b = jnp.ones(x_shape), jnp.ones(k_shape), jnp.ones(b_shape)
+  highest = jax.lax.Precision.HIGHEST
+  for user in (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGH):
+    plain = lambda x: jnp.sum(layer(x, k, b, mode="gradient", precision=user) ** 2)
+    user_products = len(product_precisions(jax.make_jaxpr(jax.grad(plain))(x)))
+    for mode, plans in PRECISION_PLANS.items():
+      for plan in plans:
+        loss = lambda x, k, b: jnp.sum(layer(x, k, b, mode=mode, precision=user, plan=plan) ** 2)
+        with jax.default_matmul_precision("bfloat16"):
+          found = product_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b))
+        assert found.count(user) == user_products, (mode, plan, user, found)
+        assert found.count(highest) == len(found) - user_products > 0, (mode, plan, found)
+
+
+def test_bfloat16_parameters_solve_in_float32():
+  # The direction of bfloat16 parameters is the float32 direction, rounded once.
+  x = jax.random.normal(jax.random.key(1), (3, 5, 2, 4))
+  c = jax.random.normal(jax.random.key(2), (3, 5, 2, 3))
+  directions = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    layer = pp.Einsum("btnh,nhk->btnk", (2, 4, 3), (2, 3), mode="prox_exact", param_dtype=dtype,
+                      rngs=nnx.Rngs(0))
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(c.astype(dtype) * m(x.astype(dtype)))))(layer)
+    assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(grads))
+    directions[dtype] = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float32), grads))[0]
+  assert rel_err(directions[jnp.bfloat16], directions[jnp.float32]) <= 2e-2
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("equation,kernel_shape,x_shape,match", [
+    ("btd,dk->bk", (4, 3), (2, 5, 4), "'t' are in one operand only"),      # summed input index
+    ("bd,dkj->bk", (4, 3, 2), (2, 4), "'j' are in one operand only"),      # summed kernel index
+    ("bdd,dk->bk", (4, 3), (2, 4, 4), "index repeated in 'bdd'"),
+    ("bd,d...->b...", (4, 3), (2, 4), "'...' must appear in x and out"),
+    ("...d,dk->k", (4, 3), (2, 4), "'...' must appear in x and out"),
+    ("bd,dk", (4, 3), (2, 4), "explicit with two operands"),
+    ("bd,dk->bkz", (4, 3), (2, 4), "'z' are in one operand only"),
+])
+def test_unsupported_equations_point_at_prox_module(equation, kernel_shape, x_shape, match):
+  with pytest.raises(ValueError, match=match) as info:
+    pp.einsum(equation, jnp.ones(x_shape), jnp.ones(kernel_shape))
+  assert "pp.prox_module(nnx.Einsum)" in str(info.value)
+
+
+def test_bad_shapes_and_options_raise_clearly():
+  with pytest.raises(ValueError, match="gives kernel 2 dims; it has 3"):
+    pp.einsum("bd,dk->bk", jnp.ones((2, 4)), jnp.ones((4, 3, 1)))
+  with pytest.raises(ValueError, match=r"must have the sizes of the kernel axes"):
+    pp.einsum("bd,dk->bk", jnp.ones((2, 5)), jnp.ones((4, 3)))
+  with pytest.raises(ValueError, match=r"one value per output feature and block, 6"):
+    pp.einsum("btnh,nhk->btnk", jnp.ones((2, 3, 2, 4)), jnp.ones((2, 4, 3)), jnp.ones(5))
+  with pytest.raises(ValueError, match=r"bias of shape \(\*batch, \*features\) = \(2, 3\)"):
+    pp.dense_general(jnp.ones((2, 5, 4)), jnp.ones((2, 4, 3)), jnp.ones(3), batch_dims=0)
+  with pytest.raises(ValueError, match="both contracted and a batch axis"):
+    pp.dense_general(jnp.ones((2, 4)), jnp.ones((2, 3)), batch_dims=1)
+  with pytest.raises(ValueError, match="must be axes of an input with 2 dims"):
+    pp.dense_general(jnp.ones((2, 4)), jnp.ones((4, 3)), axis=2)
+  with pytest.raises(ValueError, match=r"nnx.LinearGeneral\) \(matrix-free"):
+    pp.LinearGeneral(4, 3, dot_general=jax.lax.dot_general, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"does not take einsum_op.*nnx.Einsum\)"):
+    pp.Einsum("bd,dk->bk", (4, 3), einsum_op=lambda *a, **k: jnp.einsum(*a, **k),
+              rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'\\.\\.\\.' must appear"):
+    pp.Einsum("bd,dk->bk", (4, 3), rngs=nnx.Rngs(0))(jnp.ones((2, 4)), "bd,d...->b...")
+  with pytest.raises(ValueError, match="does not take out_sharding"):
+    pp.LinearGeneral(4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4)), out_sharding=("data",))
+  with pytest.raises(ValueError, match="Unknown ProxProp mode 'prox'"):
+    pp.Einsum("bd,dk->bk", (4, 3), mode="prox", rngs=nnx.Rngs(0))
