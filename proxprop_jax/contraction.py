@@ -8,12 +8,11 @@ A layer ``z = contract(x, kernel) + bias`` whose every axis is one of
 * a **block** axis: in ``x``, the kernel and ``z`` (per-head weights,
   ``LinearGeneral``'s ``batch_axis``)
 
-is, after transposing and flattening each group of axes, the layer
-`layers.BlockDense` ``z[r, b] = x[r, b] W[b] + bias[b]`` with ``x`` ``(R, B, p0)``
-and ``W`` ``(B, p0, k)``: one dense system per block index, over all rows (or
-`layers.Dense` when there is no block axis). A `Contraction` records which axis
-is which; the reshapes around the layer are plain JAX ops, so autodiff carries
-the input cotangent and the direction back to the caller's layouts.
+is, after ordering the axes by group, the layer `layers.DenseGeneral`
+``z[r, b, f] = Σ_c x[r, b, c] W[b, c, f] + bias[b, f]``: one dense system per
+block index (the groups flattened), over all rows. A `Contraction` records which
+axis is which; the transposes around the layer are plain JAX ops, so autodiff
+carries the input cotangent and the direction back to the caller's layouts.
 """
 
 from __future__ import annotations
@@ -68,33 +67,23 @@ class Contraction:
                        f"shape {tuple(bias_shape)}.")
 
   def inputs(self, x):
-    """``x`` as ``(R, B, p0)``, or ``(R, p0)`` without block axes."""
-    sizes = lambda axes: math.prod(x.shape[a] for a in axes)
-    shape = (sizes(self.x_rows), *((sizes(self.x_blocks),) if self.x_blocks else ()),
-             sizes(self.x_contracted))
-    return _permute(x, self.x_rows + self.x_blocks + self.x_contracted).reshape(shape)
+    """``x`` as ``(*rows, *blocks, *contracted)``, with one row if it has no row axis."""
+    x = _permute(x, self.x_rows + self.x_blocks + self.x_contracted)
+    return x if self.x_rows else x[None]
 
   def kernel(self, kernel):
-    """The kernel as ``(B, p0, k)``, or ``(p0, k)`` without block axes."""
-    sizes = lambda axes: math.prod(kernel.shape[a] for a in axes)
-    shape = (*((sizes(self.kernel_blocks),) if self.kernel_blocks else ()),
-             sizes(self.kernel_contracted), sizes(self.kernel_features))
-    order = self.kernel_blocks + self.kernel_contracted + self.kernel_features
-    return _permute(kernel, order).reshape(shape)
+    """The kernel as ``(*blocks, *contracted, *features)``."""
+    return _permute(kernel, self.kernel_blocks + self.kernel_contracted + self.kernel_features)
 
   def bias(self, bias, kernel_shape):
-    """The bias as ``(B, k)``, or ``(k,)`` without block axes."""
+    """The bias as ``(*blocks, *features)``."""
     bias = bias.reshape([kernel_shape[a] for a in self.bias_axes])
-    order = [self.bias_axes.index(a) for a in self.kernel_blocks + self.kernel_features]
-    blocks = math.prod(kernel_shape[a] for a in self.kernel_blocks)
-    return _permute(bias, tuple(order)).reshape(
-        (blocks, -1) if self.kernel_blocks else (-1,))
+    return _permute(bias, tuple(self.bias_axes.index(a)
+                                for a in self.kernel_blocks + self.kernel_features))
 
-  def outputs(self, z, x_shape, kernel_shape):
-    """The layer's ``(R, B, k)`` (or ``(R, k)``) output in the caller's layout."""
-    shape = ([x_shape[a] for a in self.x_rows + self.x_blocks]
-             + [kernel_shape[a] for a in self.kernel_features])
-    return _permute(z.reshape(shape), self.output)
+  def outputs(self, z):
+    """The ``(*rows, *blocks, *features)`` output in the caller's layout."""
+    return _permute(z if self.x_rows else z[0], self.output)
 
 
 def _permute(a, order):

@@ -150,30 +150,50 @@ class Conv:
     return kernel, (d[:, -1].reshape(-1) if self.use_bias else None)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockDense:
-  """One dense layer per block over shared rows: ``z[r, b] = x[r, b] W[b] + bias[b]``.
 
-  ``x`` is ``(R, B, p0)``, ``kernel`` ``(B, p0, k)``, ``bias`` ``(B, k)``, ``z``
-  ``(R, B, k)``; block ``b`` has ``A_b = [x[:, b], 1]``. The rows come first, like
-  `Dense`'s, so the batch gather over devices concatenates axis 0 here too. The
-  layout of a contraction with axes shared by the input, the kernel and the
-  output (per-head projections, ``LinearGeneral``'s ``batch_axis``).
+@dataclasses.dataclass(frozen=True)
+class DenseGeneral:
+  """A dense layer over groups of axes, with its own weights per block index:
+  ``z[r, b, f] = Σ_c x[r, b, c] W[b, c, f] + bias[b, f]``.
+
+  Each of ``r`` (rows), ``b`` (blocks), ``c`` (contracted) and ``f`` (features)
+  stands for a group of axes: ``x`` is ``(*rows, *blocks, *contracted)``, the kernel
+  ``(*blocks, *contracted, *features)``, the bias ``(*blocks, *features)``, ``z``
+  ``(*rows, *blocks, *features)``. Block ``b`` has ``A_b = [x[:, b, :], 1]`` with the
+  groups flattened: one system per block index (per-head weights). The forward
+  pass keeps the axes apart (under ``jit`` with Explicit mesh axes a reshape of a
+  sharded array needs its output sharding; the backward rule runs with them Auto).
+  The rows come first, like `Dense`'s, so the batch gather over devices concatenates
+  axis 0.
   """
 
   use_bias: bool
+  blocks: int  # the number of block axes
+  contracted: int  # the number of contracted axes
+  features: int  # the number of feature axes
+
+  def _sizes(self, shape, tail: int):
+    """``(R, B, rest)`` of an array ``(*rows, *blocks, *tail axes)``."""
+    rows = len(shape) - self.blocks - tail
+    return (math.prod(shape[:rows]), math.prod(shape[rows:rows + self.blocks]),
+            math.prod(shape[rows + self.blocks:]))
 
   def apply(self, x, kernel, bias, precision=None):
-    z = lax.dot_general(x, kernel, (((2,), (1,)), ((1,), (0,))), precision=precision)
-    z = jnp.swapaxes(z, 0, 1)  # dot_general puts the block axis first
+    rows, nb, nc = x.ndim - self.blocks - self.contracted, self.blocks, self.contracted
+    dims = ((tuple(range(rows + nb, x.ndim)), tuple(range(nb, nb + nc))),
+            (tuple(range(rows, rows + nb)), tuple(range(nb))))
+    z = lax.dot_general(x, kernel, dims, precision=precision)  # (*blocks, *rows, *features)
+    z = jnp.moveaxis(z, tuple(range(nb)), tuple(range(rows, rows + nb))) if nb else z
     return z if bias is None else z + bias
 
   def problem(self, x_shape, kernel_shape, devices: int) -> Problem:
-    rows, blocks, p = x_shape[0] * devices, x_shape[1], x_shape[2] + self.use_bias
-    return Problem(blocks, rows, p, kernel_shape[-1], 2.0 * blocks * rows * p * p)
+    rows, blocks, p0 = self._sizes(x_shape, self.contracted)
+    rows, p = rows * devices, p0 + self.use_bias
+    k = math.prod(kernel_shape[self.blocks + self.contracted:])
+    return Problem(blocks, rows, p, k, 2.0 * blocks * rows * p * p)
 
   def matrix(self, x):
-    return jnp.swapaxes(x, 0, 1)
+    return jnp.swapaxes(x.reshape(self._sizes(x.shape, self.contracted)), 0, 1)
 
   def gram(self, x, precision=None):
     a = self.matrix(x)
@@ -186,10 +206,21 @@ class BlockDense:
     return ata
 
   def cotangent_rows(self, g):
-    return jnp.swapaxes(g, 0, 1)
+    return jnp.swapaxes(g.reshape(self._sizes(g.shape, self.features)), 0, 1)
+
+  def _split(self, kernel_shape):
+    """``(B, p0, k)`` of a kernel shape."""
+    nb, nc = self.blocks, self.contracted
+    return (math.prod(kernel_shape[:nb]), math.prod(kernel_shape[nb:nb + nc]),
+            math.prod(kernel_shape[nb + nc:]))
 
   def to_columns(self, kernel, bias):
-    return _append_bias(kernel, bias)
+    b, _, k = self._split(kernel.shape)
+    return _append_bias(kernel.reshape(self._split(kernel.shape)),
+                        None if bias is None else bias.reshape(b, k))
 
   def from_columns(self, d, kernel_shape):
-    return d[:, : kernel_shape[1]], (d[:, -1] if self.use_bias else None)
+    nb, nc, p0 = self.blocks, self.contracted, self._split(kernel_shape)[1]
+    kernel = d[:, :p0].reshape(kernel_shape)
+    bias_shape = (*kernel_shape[:nb], *kernel_shape[nb + nc:])
+    return kernel, (d[:, -1].reshape(bias_shape) if self.use_bias else None)

@@ -324,12 +324,13 @@ __all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "
 
 
 def _contract(name, spec: contraction.Contraction, cfg: Config, x, kernel, bias, tau_prox):
-  """Applies a `contraction.Contraction` as a (block-)dense ProxProp layer."""
+  """Applies a `contraction.Contraction` as a `layers.DenseGeneral` ProxProp layer."""
   spec.check(name, jnp.shape(x), jnp.shape(kernel), None if bias is None else jnp.shape(bias))
-  kind = (layers.BlockDense if spec.x_blocks else layers.Dense)(bias is not None)
+  kind = layers.DenseGeneral(bias is not None, len(spec.x_blocks), len(spec.x_contracted),
+                             len(spec.kernel_features))
   z = apply(kind, cfg, spec.inputs(x), spec.kernel(kernel),
-            None if bias is None else spec.bias(bias, kernel.shape), tau_prox)
-  return spec.outputs(z, x.shape, kernel.shape)
+            None if bias is None else spec.bias(bias, jnp.shape(kernel)), tau_prox)
+  return spec.outputs(z)
 
 
 def dense_general(x, kernel, bias=None, *, axis=-1, batch_dims=(), mode="prox_cg1",

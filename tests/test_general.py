@@ -1,4 +1,4 @@
-"""`pp.LinearGeneral`/`pp.Einsum` (`contraction`, `layers.BlockDense`, `pp.dense_general`,
+"""`pp.LinearGeneral`/`pp.Einsum` (`contraction`, `layers.DenseGeneral`, `pp.dense_general`,
 `pp.einsum`): flax's parameters and forward pass; directions against float64 NumPy.
 
 The reference knows nothing of blocks or reshapes: ``J`` is the Jacobian of the plain
@@ -6,6 +6,11 @@ flax layer's output with respect to all its parameters (the layer is linear, so
 ``z = J θ``); the independent systems are the connected components of ``JᵀJ``'s
 pattern, and each is solved (or CG'd) with its own ``A = J[:, component]``.
 """
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +24,7 @@ from proxprop_jax import layers
 from tests import reference
 from tests.helpers import product_precisions, rel_err
 
+ROOT = pathlib.Path(__file__).parents[1]
 LAM = 2.0  # tau_prox = 0.5
 MODES = ("gradient", "prox_exact", "prox_cg1", "prox_cg3")
 
@@ -95,8 +101,8 @@ def _directions(modules, x, c):
 # --------------------------------------------------------------- flax's layer, exactly
 
 
-@pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("name,dtype", [(name, None) for name in CASES] + [
+    ("LinearGeneral-batch-axis", jnp.bfloat16), ("Einsum-per-head", jnp.bfloat16)])
 def test_same_parameters_and_forward_as_flax(name, dtype):
   ours, theirs, x_shape = _layers(name, param_dtype=dtype or jnp.float32)
   assert isinstance(ours, pp.ProxLayer) and isinstance(ours, type(theirs))
@@ -130,6 +136,45 @@ def test_multi_head_attention_uses_these_projections():
     ours = pp.LinearGeneral(*args, rngs=nnx.Rngs(0), **kwargs)
     for attribute in ("in_features", "out_features", "axis", "batch_axis", "use_bias"):
       assert getattr(projection, attribute) == getattr(ours, attribute), attribute
+
+
+KINDS = {  # (use_bias, blocks, contracted, features, x shape, kernel shape)
+    "rows2-blocks1-contracted2": (True, 1, 2, 1, (7, 2, 3, 2, 2), (3, 2, 2, 5)),
+    "no-blocks-features2-no-bias": (False, 0, 1, 2, (7, 4), (4, 2, 3)),
+}
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", KINDS)
+def test_dense_general_kind_is_one_dense_layer_per_block(name):
+  use_bias, nb, nc, nf, x_shape, k_shape = KINDS[name]
+  rng = np.random.default_rng(0)
+  b_shape = k_shape[:nb] + k_shape[nb + nc:]
+  x, kernel = rng.normal(size=x_shape), rng.normal(size=k_shape)
+  bias = rng.normal(size=b_shape) if use_bias else None
+  kind = layers.DenseGeneral(use_bias, nb, nc, nf)
+  to_jax = lambda a: None if a is None else jnp.asarray(a)
+  z = np.asarray(kind.apply(to_jax(x), to_jax(kernel), to_jax(bias)))
+  # Reference: rows, blocks, contracted and features flattened, one matrix per block.
+  rows = x.ndim - nb - nc
+  blocks = int(np.prod(x_shape[rows:rows + nb]))
+  x3 = x.reshape(int(np.prod(x_shape[:rows])), blocks, -1)
+  z3 = z.reshape(x3.shape[0], blocks, -1)
+  theta = np.asarray(kind.to_columns(to_jax(kernel), to_jax(bias)))
+  gram, matrix = np.asarray(kind.gram(to_jax(x))), np.asarray(kind.matrix(to_jax(x)))
+  g_rows = np.asarray(kind.cotangent_rows(to_jax(z)))
+  for b in range(blocks):
+    a = reference.with_ones(x3[:, b], use_bias)
+    np.testing.assert_allclose(a @ theta[b], z3[:, b], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gram[b], a.T @ a, rtol=1e-12)
+    np.testing.assert_array_equal(matrix[b], x3[:, b])
+    np.testing.assert_array_equal(g_rows[b], z3[:, b])
+  back_kernel, back_bias = kind.from_columns(jnp.asarray(theta), kernel.shape)
+  np.testing.assert_array_equal(back_kernel, kernel)
+  assert back_bias is None if bias is None else np.array_equal(back_bias, bias)
+  problem = kind.problem(x.shape, kernel.shape, devices=4)
+  assert (problem.blocks, problem.rows, problem.params, problem.columns) == (
+      blocks, 4 * x3.shape[0], x3.shape[2] + use_bias, z3.shape[2])
 
 
 # ------------------------------------------------------------------------ directions
@@ -167,13 +212,10 @@ CG_PLANS = [pp.Plan(s, v, m) for s in ("batch", "parameter") for v in ("cg", "ei
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("x_shape,kernel_shape", [((1, 3, 2, 8), (2, 8, 12)),
-                                                  ((4, 10, 2, 3), (2, 3, 2))],
-                         ids=["rows<p<k", "rows>p"])
-def test_every_plan_of_the_block_systems_matches_numpy(x_shape, kernel_shape):
+def test_every_plan_of_the_block_systems_matches_numpy():
   # Per-head weights: one system per head and output feature, in both systems, with
-  # every solver and multiplication order.
-  equation = "btnh,nhk->btnk"
+  # every solver and multiplication order (rows < p < k: each plan a different product).
+  equation, x_shape, kernel_shape = "btnh,nhk->btnk", (1, 3, 2, 8), (2, 8, 12)
   theirs = nnx.Einsum(equation, kernel_shape, kernel_shape[::2], param_dtype=jnp.float64,
                       rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
@@ -327,3 +369,51 @@ def test_bad_shapes_and_options_raise_clearly():
     pp.LinearGeneral(4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4)), out_sharding=("data",))
   with pytest.raises(ValueError, match="Unknown ProxProp mode 'prox'"):
     pp.Einsum("bd,dk->bk", (4, 3), mode="prox", rngs=nnx.Rngs(0))
+
+
+# Under jit with the batch sharded over a mesh with Explicit axes (jax.make_mesh's default),
+# a reshape of a sharded array needs its output sharding: the layers must keep the axes
+# apart outside the backward rule. The device count is fixed when JAX starts, hence a
+# subprocess with 4 CPU devices.
+EXPLICIT_MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import proxprop_jax as pp
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+rng = np.random.default_rng(0)
+cases = [  # layer, x shape, kernel shape, bias shape, x's sharded axis, mode
+    (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw),
+     (8, 3, 2, 4), (2, 4, 3), (2, 3), P("data"), "prox_exact"),
+    (lambda x, k, b, **kw: pp.einsum("btnh,nhd->btd", x, k, b, **kw),
+     (8, 3, 2, 4), (2, 4, 5), (5,), P("data"), "prox_cg2"),
+    (lambda x, k, b, **kw: pp.dense_general(x, k, b, batch_dims=(0,), **kw),
+     (2, 8, 4), (2, 4, 3), (2, 3), P(None, "data"), "prox_cg2"),
+    (lambda x, k, b, **kw: pp.dense_general(x, k, b, **kw),
+     (8, 3, 6), (6, 2, 4), (2, 4), P("data"), "prox_exact"),
+]
+worst = 0.0
+for layer, x_shape, k_shape, b_shape, spec, mode in cases:
+  x, k, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape, b_shape))
+  t = jnp.asarray(rng.normal(size=layer(x, k, b, mode="gradient").shape), jnp.float32)
+  def step(x, t, k, b):
+    loss = lambda k, b, x: 0.5 * jnp.mean((layer(x, k, b, mode=mode) - t) ** 2)
+    return layer(x, k, b, mode=mode), jax.grad(loss, argnums=(0, 1))(k, b, x)
+  want = jax.jit(step)(x, t, k, b)
+  put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
+  got = jax.jit(step)(put(x, spec), put(t, spec), put(k, P()), put(b, P()))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    worst = max(worst, float(np.abs(g - w).max() / np.abs(w).max()))
+print(worst)
+"""
+
+
+def test_jit_on_an_explicit_mesh_gives_the_one_device_results(tmp_path):
+  script = tmp_path / "explicit_mesh.py"
+  script.write_text(EXPLICIT_MESH_SCRIPT)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("JAX_ENABLE_X64", None)
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert float(out.stdout.split()[-1]) <= 1e-5  # float32: outputs and directions
