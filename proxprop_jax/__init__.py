@@ -9,7 +9,9 @@ from proxprop_jax import linen, parallel, planner
 from proxprop_jax.flax_common import ProxLayer
 from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, TauProx, check_linear, prox_module
+from proxprop_jax.nnx import Einsum, LinearGeneral
 from proxprop_jax.ops import MAX_EXACT_PARAMS, SOLVE_PRECISION, conv, dense, proximal
+from proxprop_jax.ops import dense_general, einsum
 from proxprop_jax.planner import Plan
 from proxprop_jax.pooling import max_pool
 from proxprop_jax.nnx import BatchNorm, Embed, GroupNorm, LayerNorm, RMSNorm
@@ -23,3 +25,6 @@ __all__ = [
     "parallel", "parse_mode", "planner", "prox_module", "proximal",
 ]
 __all__ += ["BatchNorm", "Embed", "GroupNorm", "LayerNorm", "RMSNorm", "embed", "norm_affine"]
+
+
+__all__ += ["Einsum", "LinearGeneral", "dense_general", "einsum"]

@@ -257,3 +257,78 @@ class Embed:
     table = jax.ShapeDtypeStruct((self.num_embeddings, g.shape[-1]), g.dtype)
     (grad,) = jax.linear_transpose(lambda t: self.apply(ids, t), table)(g)
     return grad
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGeneral:
+  """A dense layer over groups of axes, with its own weights per block index:
+  ``z[r, b, f] = Σ_c x[r, b, c] W[b, c, f] + bias[b, f]``.
+
+  Each of ``r`` (rows), ``b`` (blocks), ``c`` (contracted) and ``f`` (features)
+  stands for a group of axes: ``x`` is ``(*rows, *blocks, *contracted)``, the kernel
+  ``(*blocks, *contracted, *features)``, the bias ``(*blocks, *features)``, ``z``
+  ``(*rows, *blocks, *features)``. Block ``b`` has ``A_b = [x[:, b, :], 1]`` with the
+  groups flattened: one system per block index (per-head weights). The forward
+  pass keeps the axes apart (under ``jit`` with Explicit mesh axes a reshape of a
+  sharded array needs its output sharding; the backward rule runs with them Auto).
+  The rows come first, like `Dense`'s, so the batch gather over devices concatenates
+  axis 0.
+  """
+
+  use_bias: bool
+  blocks: int  # the number of block axes
+  contracted: int  # the number of contracted axes
+  features: int  # the number of feature axes
+
+  def _sizes(self, shape, tail: int):
+    """``(R, B, rest)`` of an array ``(*rows, *blocks, *tail axes)``."""
+    rows = len(shape) - self.blocks - tail
+    return (math.prod(shape[:rows]), math.prod(shape[rows:rows + self.blocks]),
+            math.prod(shape[rows + self.blocks:]))
+
+  def apply(self, x, kernel, bias, precision=None):
+    rows, nb, nc = x.ndim - self.blocks - self.contracted, self.blocks, self.contracted
+    dims = ((tuple(range(rows + nb, x.ndim)), tuple(range(nb, nb + nc))),
+            (tuple(range(rows, rows + nb)), tuple(range(nb))))
+    z = lax.dot_general(x, kernel, dims, precision=precision)  # (*blocks, *rows, *features)
+    z = jnp.moveaxis(z, tuple(range(nb)), tuple(range(rows, rows + nb))) if nb else z
+    return z if bias is None else z + bias
+
+  def problem(self, x_shape, kernel_shape, devices: int) -> Problem:
+    rows, blocks, p0 = self._sizes(x_shape, self.contracted)
+    rows, p = rows * devices, p0 + self.use_bias
+    k = math.prod(kernel_shape[self.blocks + self.contracted:])
+    return Problem(blocks, rows, p, k, 2.0 * blocks * rows * p * p)
+
+  def matrix(self, x):
+    return jnp.swapaxes(x.reshape(self._sizes(x.shape, self.contracted)), 0, 1)
+
+  def gram(self, x, precision=None):
+    a = self.matrix(x)
+    ata = jnp.matmul(jnp.swapaxes(a, 1, 2), a, precision=precision)
+    if self.use_bias:
+      col = jnp.sum(a, axis=1)
+      corner = jnp.full((a.shape[0], 1, 1), a.shape[1], a.dtype)
+      ata = jnp.concatenate([jnp.concatenate([ata, col[:, :, None]], axis=2),
+                             jnp.concatenate([col[:, None, :], corner], axis=2)], axis=1)
+    return ata
+
+  def cotangent_rows(self, g):
+    return jnp.swapaxes(g.reshape(self._sizes(g.shape, self.features)), 0, 1)
+
+  def _split(self, kernel_shape):
+    """``(B, p0, k)`` of a kernel shape."""
+    nb, nc = self.blocks, self.contracted
+    return (math.prod(kernel_shape[:nb]), math.prod(kernel_shape[nb:nb + nc]),
+            math.prod(kernel_shape[nb + nc:]))
+
+  def to_columns(self, kernel, bias):
+    b, _, k = self._split(kernel.shape)
+    return _append_bias(kernel.reshape(self._split(kernel.shape)),
+                        None if bias is None else bias.reshape(b, k))
+
+  def from_columns(self, d, kernel_shape):
+    nb, nc, p0 = self.blocks, self.contracted, self._split(kernel_shape)[1]
+    kernel = d[:, :p0].reshape(kernel_shape)
+    bias_shape = (*kernel_shape[:nb], *kernel_shape[nb + nc:])
+    return kernel, (d[:, -1].reshape(bias_shape) if self.use_bias else None)

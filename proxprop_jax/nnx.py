@@ -335,3 +335,74 @@ class BatchNorm(ProxLayer, nnx.BatchNorm):
     xhat = _normalized(nnx.BatchNorm, self, (x, mean, var, None, None), use_running_average,
                        mask=mask)
     return _affine(self, x, xhat, scale, bias, self.axis)
+
+
+def _check_products(cls_name: str, flax_name: str, **custom) -> None:
+  """Rejects custom product functions: the ProxProp layer computes its own."""
+  given = [name for name, value in custom.items() if value is not None]
+  if given:
+    raise ValueError(f"{cls_name} computes its products itself and does not take "
+                     f"{', '.join(given)}; for a custom product wrap the flax layer with "
+                     f"pp.prox_module(nnx.{flax_name}) (matrix-free ProxProp).")
+
+
+class LinearGeneral(ProxLayer, nnx.LinearGeneral):
+  """``nnx.LinearGeneral`` whose parameter cotangent is the ProxProp direction.
+
+  A dense layer over the flattened contracted ``axis`` (rows: the input's other
+  axes); each index of ``batch_axis`` has its own block-diagonal system (see
+  `proxprop_jax.dense_general`). ``dot_general``, ``dot_general_cls`` and
+  ``preferred_element_type`` are not supported. Extra arguments as `Linear`.
+  """
+
+  def __init__(self, in_features, out_features, *, mode="prox_cg1", tau_prox=1.0,
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+    super().__init__(in_features, out_features, **kwargs)
+    self._check_options()
+
+  def _check_options(self):
+    _check_products("pp.LinearGeneral", "LinearGeneral", dot_general=self.dot_general,
+                    dot_general_cls=self.dot_general_cls,
+                    preferred_element_type=self.preferred_element_type)
+
+  def __call__(self, inputs, out_sharding=None):
+    _check_out_sharding("pp.LinearGeneral", out_sharding)
+    self._check_options()
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    return ops.dense_general(inputs, kernel, bias, axis=self.axis,
+                             batch_dims=tuple(self.batch_axis.keys()), precision=self.precision,
+                             **prox_kwargs(self))
+
+
+class Einsum(ProxLayer, nnx.Einsum):
+  """``nnx.Einsum`` whose parameter cotangent is the ProxProp direction.
+
+  Supports the equations of `proxprop_jax.einsum` (contracted, feature, row and
+  per-block indices, e.g. per-head weights ``'btnh,nhk->btnk'``); any other raises
+  a ValueError pointing at ``pp.prox_module(nnx.Einsum)``. A custom ``einsum_op``
+  and ``preferred_element_type`` are not supported. Extra arguments as `Linear`.
+  """
+
+  def __init__(self, einsum_str, kernel_shape, bias_shape=None, *, mode="prox_cg1",
+               tau_prox=1.0, axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+    super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
+    self._check_options()
+
+  def _check_options(self):
+    _check_products("pp.Einsum", "Einsum",
+                    einsum_op=None if self.einsum_op is jnp.einsum else self.einsum_op,
+                    preferred_element_type=self.preferred_element_type)
+
+  def __call__(self, inputs, einsum_str=None, out_sharding=None):
+    _check_out_sharding("pp.Einsum", out_sharding)
+    self._check_options()
+    einsum_str = self.einsum_str if einsum_str is None else einsum_str
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    return ops.einsum(einsum_str, inputs, kernel, bias, precision=self.precision,
+                      **prox_kwargs(self))

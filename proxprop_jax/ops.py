@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from proxprop_jax import direction, geometry, layers, planner, solvers, spmd
+from proxprop_jax import contraction, direction, geometry, layers, planner, solvers, spmd
 from proxprop_jax.modes import Mode, check_tau, parse_mode
 
 #: `proximal` materialises the Gram for ``prox_exact`` up to this many parameters.
@@ -317,10 +317,6 @@ def _proximal_direction(fn, cfg: Config, params, x, g, lam):
 _proximal.defvjp(_proximal_fwd, spmd.global_view(_proximal_bwd))
 
 
-__all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
-           "proximal"]
-
-
 # ------------------------------------------------- norm layers' affine part, embeddings
 
 
@@ -462,4 +458,75 @@ def embed(ids, table, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
   return _prox_embed(kind, cfg, ids, table, damping(tau_prox))
 
 
-__all__ += ["embed", "norm_affine"]
+# ------------------------------------------------------------- general contractions
+
+
+def _contract(name, spec: contraction.Contraction, cfg: Config, x, kernel, bias, tau_prox):
+  """Applies a `contraction.Contraction` as a `layers.DenseGeneral` ProxProp layer."""
+  spec.check(name, jnp.shape(x), jnp.shape(kernel), None if bias is None else jnp.shape(bias))
+  kind = layers.DenseGeneral(bias is not None, len(spec.x_blocks), len(spec.x_contracted),
+                             len(spec.kernel_features))
+  z = apply(kind, cfg, spec.inputs(x), spec.kernel(kernel),
+            None if bias is None else spec.bias(bias, jnp.shape(kernel)), tau_prox)
+  return spec.outputs(z)
+
+
+def dense_general(x, kernel, bias=None, *, axis=-1, batch_dims=(), mode="prox_cg1",
+                  tau_prox=1.0, axis_name=None, precision=None, solve_precision=SOLVE_PRECISION,
+                  plan=None):
+  """A dense layer over several axes (flax's ``LinearGeneral``) with a ProxProp backward.
+
+  ``z = lax.dot_general(x, kernel, ((axis, contracted), (batch_dims, leading))) + bias``:
+  ``A`` has one row per index of ``x``'s other axes and one column per index of the
+  contracted ``axis`` (flattened), plus the ones column. Each index of the
+  ``batch_dims`` (axes ``x`` shares with the kernel's leading axes) has its own
+  weights: the system is block-diagonal, one block per index.
+
+  Args:
+    x: the input.
+    kernel: ``(*batch, *contracted, *features)``, the sizes of ``x``'s ``batch_dims``,
+      then of its ``axis``, then the output features.
+    bias: ``(*batch, *features)`` or None.
+    axis: the contracted axes of ``x`` (an int or a tuple).
+    batch_dims: the axes of ``x`` shared with the kernel's leading axes.
+    mode, tau_prox, axis_name, precision, solve_precision, plan: as in `dense`.
+
+  Returns:
+    ``(*batch, *other axes of x, *features)``.
+  """
+  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  spec = contraction.from_axes(jnp.ndim(x), jnp.ndim(kernel),
+                               axis if isinstance(axis, int) else tuple(axis),
+                               batch_dims if isinstance(batch_dims, int) else tuple(batch_dims))
+  if bias is not None and jnp.shape(bias) != tuple(kernel.shape[a] for a in spec.bias_axes):
+    raise ValueError(f"pp.dense_general expects bias of shape (*batch, *features) = "
+                     f"{tuple(kernel.shape[a] for a in spec.bias_axes)}; got {jnp.shape(bias)}.")
+  return _contract("pp.dense_general", spec, cfg, x, kernel, bias, tau_prox)
+
+
+def einsum(equation: str, x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0,
+           axis_name=None, precision=None, solve_precision=SOLVE_PRECISION, plan=None):
+  """``jnp.einsum(equation, x, kernel) + bias`` (flax's ``Einsum``) with a ProxProp backward.
+
+  Supported are the equations of `contraction.SUPPORTED_EQUATIONS` (e.g. the attention
+  projections ``'btd,dnh->btnh'``, ``'btnh,nhd->btd'`` and per-head weights
+  ``'btnh,nhk->btnk'``): ``A`` has the input's row indices as rows and its
+  contracted indices as columns; indices shared by input, kernel and output give
+  one block per index. Others raise a ValueError that points at
+  ``pp.prox_module(nnx.Einsum)``.
+
+  Args:
+    equation: ``'x,kernel->out'``.
+    bias: as ``nnx.Einsum``'s: one value per index of the kernel's indices in ``out``
+      (reshaped to them, in ``out``'s order), or None.
+    mode, tau_prox, axis_name, precision, solve_precision, plan: as in `dense`.
+  """
+  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  if not isinstance(equation, str):
+    raise ValueError(f"equation must be a string 'x,kernel->out'; got {equation!r}.")
+  spec = contraction.from_equation(equation, jnp.ndim(x), jnp.ndim(kernel))
+  return _contract("pp.einsum", spec, cfg, x, kernel, bias, tau_prox)
+
+
+__all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
+           "dense_general", "einsum", "embed", "norm_affine", "proximal"]

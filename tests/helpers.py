@@ -125,3 +125,26 @@ def start_command(module, args) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-c", _WITH_CTRL_C, module, *args], cwd=REPO,
                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
+
+
+def product_precisions(closed_jaxpr) -> list:
+  """The ``precision`` of every matrix product and convolution in a jaxpr, sub-jaxprs
+  (loops, custom rules, jit) included; one entry per product (the lhs/rhs pair collapsed,
+  unset as ``DEFAULT``)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        p = eqn.params["precision"]
+        p = p[0] if isinstance(p, tuple) else p
+        found.append(jax.lax.Precision.DEFAULT if p is None else p)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found
