@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from proxprop_jax import geometry, ops
+from flax import nnx
+
+from proxprop_jax import geometry, ops, reuse
 from proxprop_jax.modes import check_tau, parse_mode
 
 
@@ -19,8 +21,14 @@ class ProxLayer:
   """Marker base class of every ProxProp layer (NNX and Linen).
 
   A ProxProp layer has the attributes ``mode`` (a mode string), ``tau_prox``,
-  ``axis_name`` and ``solve_precision``.
+  ``axis_name`` and ``solve_precision``. The ``__call__`` of every NNX subclass
+  refuses parameters used twice in one differentiated function (`reuse`).
   """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if issubclass(cls, nnx.Module) and "__call__" in cls.__dict__:
+      cls.__call__ = reuse.checked_call(cls.__dict__["__call__"])
 
 
 @dataclasses.dataclass(frozen=True)

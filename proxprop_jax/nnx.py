@@ -47,14 +47,25 @@ def prox_kwargs(module) -> dict:
 
 
 def set_tau_value(module, tau_prox) -> None:
-  """Sets one layer's ``τ`` (validated), keeping its variable: no retrace under ``nnx.jit``."""
-  module.tau_prox[...] = jnp.asarray(check_tau(tau_prox), module.tau_prox[...].dtype)
+  """Sets one layer's ``τ`` (validated unless traced), keeping its variable's dtype, shape
+  and weak type: no retrace under ``nnx.jit``."""
+  if not isinstance(tau_prox, jax.core.Tracer):
+    tau_prox = check_tau(tau_prox)
+  module.tau_prox.set_value(jnp.full_like(module.tau_prox.get_value(), tau_prox))
 
 
 def _check_out_sharding(cls_name: str, out_sharding) -> None:
   if out_sharding is not None:
     raise ValueError(f"{cls_name} does not take out_sharding; shard the batch and let jit "
                      f"propagate it (see the README's 'Several devices').")
+
+
+def _check_default_products(cls_name: str, **custom) -> None:
+  given = [name for name, is_custom in custom.items() if is_custom]
+  if given:
+    raise ValueError(f"{cls_name} computes its products itself; it does not take a custom "
+                     f"{', '.join(given)}. Wrap the flax layer with pp.prox_module "
+                     f"(matrix-free ProxProp) instead.")
 
 
 class Linear(ProxLayer, nnx.Linear):
@@ -80,6 +91,11 @@ class Linear(ProxLayer, nnx.Linear):
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     return ops.dense(inputs, kernel, bias, precision=self.precision, **prox_kwargs(self))
 
+  def check_convertible(self) -> None:
+    """Raises for ``nnx.Linear`` options this layer does not implement (`pp.convert`)."""
+    _check_default_products("pp.Linear", dot_general=self.dot_general is not jax.lax.dot_general,
+                            preferred_element_type=self.preferred_element_type is not None)
+
 
 class Conv(ProxLayer, nnx.Conv):
   """``nnx.Conv`` whose parameter cotangent is the ProxProp direction.
@@ -96,6 +112,13 @@ class Conv(ProxLayer, nnx.Conv):
     init_prox(self, mode, tau_prox, axis_name, solve_precision)
     super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
     flax_common.check_conv_options("pp.Conv", self.input_dilation, self.mask)
+
+  def check_convertible(self) -> None:
+    """Raises for ``nnx.Conv`` options this layer does not implement (`pp.convert`)."""
+    flax_common.check_conv_options("pp.Conv", self.input_dilation, self.mask)
+    _check_default_products(
+        "pp.Conv", conv_general_dilated=self.conv_general_dilated is not jax.lax.conv_general_dilated,
+        preferred_element_type=self.preferred_element_type is not None)
 
   def __call__(self, inputs, out_sharding=None):
     _check_out_sharding("pp.Conv", out_sharding)
