@@ -275,6 +275,10 @@ def _new_layer(module, counterpart, settings):
   layer = object.__new__(counterpart)
   for name, value in vars(module).items():
     object.__setattr__(layer, name, value)
+  if "axis_name" in vars(module):
+    # A flax norm layer's axis_name is its statistics' axis; in a ProxProp layer
+    # axis_name is the batch axis of the solve, and the statistics' is stats_axis_name.
+    object.__setattr__(layer, "stats_axis_name", module.axis_name)
   pp_nnx.init_prox(layer, settings.mode, settings.tau_prox, settings.axis_name,
                    settings.solve_precision)
   check = getattr(layer, "check_convertible", None)
