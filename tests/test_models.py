@@ -67,8 +67,8 @@ def test_prox_linear_chooses_the_hidden_dense_class():
 
 def test_registry_builds_a_registered_model_and_names_the_valid_ones():
   assert {"mlp", "convnet"} <= set(models.MODELS)
-  with pytest.raises(ValueError, match="unknown model 'resnet'; valid: .*convnet.*mlp"):
-    models.build("resnet", mode="backprop", input_shape=(8, 8, 1))
+  with pytest.raises(ValueError, match="unknown model 'resnet18'; valid: .*convnet.*mlp"):
+    models.build("resnet18", mode="backprop", input_shape=(8, 8, 1))
 
   @models.register("_tiny_for_test")
   class Tiny(nnx.Module):
