@@ -138,6 +138,11 @@ class MLP(nnx.Module):
     return self.head(x)
 
 
+# PyTorch's BatchNorm default: running averages follow the batch statistics within a few dozen
+# steps, which short runs on small datasets need (flax's default 0.99 lags for hundreds).
+BN_MOMENTUM = 0.9
+
+
 @register("resnet")
 class ResNet(nnx.Module):
   """A small pre-activation ResNet (He et al. 2016), from plain flax layers.
@@ -160,7 +165,7 @@ class ResNet(nnx.Module):
         stride = 2 if stage > 0 and i == 0 else 1
         self.blocks.append(PreActBlock(cin, width, stride, rngs))
         cin = width
-    self.norm = nnx.BatchNorm(cin, rngs=rngs)
+    self.norm = nnx.BatchNorm(cin, momentum=BN_MOMENTUM, rngs=rngs)
     self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
   def __call__(self, x):
@@ -175,10 +180,10 @@ class PreActBlock(nnx.Module):
   """BatchNorm, ReLU, conv3x3, BatchNorm, ReLU, conv3x3, plus the shortcut."""
 
   def __init__(self, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
-    self.norm1 = nnx.BatchNorm(cin, rngs=rngs)
+    self.norm1 = nnx.BatchNorm(cin, momentum=BN_MOMENTUM, rngs=rngs)
     self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False,
                           rngs=rngs)
-    self.norm2 = nnx.BatchNorm(cout, rngs=rngs)
+    self.norm2 = nnx.BatchNorm(cout, momentum=BN_MOMENTUM, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
     self.shortcut = (nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
                      if stride != 1 or cin != cout else None)
