@@ -41,12 +41,16 @@ def build(model: str, mode: str, *, hidden=None, seed: int = 0):
   """The model and its optimizer with the paper's settings for (model, mode).
 
   Args:
-    model: ``"mlp"`` or ``"convnet"``.
+    model: ``"mlp"``, ``"convnet"`` (the paper's settings), ``"resnet"`` or ``"vit"``
+      (converted by ``pp.convert``; Adam, lr 1e-3, τ = 1).
     mode: ``"backprop"`` or a ProxProp mode.
     hidden: the MLP's hidden sizes (None: the paper's 4000, 1000, 4000).
     seed: parameter init seed.
   """
-  optimizer, lr, tau = config_lib.paper_settings(model, mode)
+  if model in models.CONVERTED:  # beyond the paper: Adam at lr 1e-3, τ = 1
+    optimizer, lr, tau = "adam", 1e-3, 1.0
+  else:
+    optimizer, lr, tau = config_lib.paper_settings(model, mode)
   sizes = {} if hidden is None else {"hidden_sizes": tuple(hidden)}
   net = models.build(model, mode=mode, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
                      tau_prox=tau, seed=seed, **sizes)

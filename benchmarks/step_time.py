@@ -1,7 +1,8 @@
-"""Step time of ProxProp vs plain BackProp on the paper's models.
+"""Step time of ProxProp vs plain BackProp on the paper's models (and a ResNet and a ViT).
 
-    python -m benchmarks.step_time [--model mlp|convnet|all] [--modes backprop,gradient,...]
-                                   [--batch-size 500] [--repeats 20] [--json PATH]
+    python -m benchmarks.step_time [--model mlp|convnet|resnet|vit|all]
+                                   [--modes backprop,gradient,...] [--batch-size 500]
+                                   [--repeats 20] [--json PATH]
 
 Builds the paper's MLP and/or ConvNet once per mode (hidden layers ``pp.Linear`` /
 ``pp.Conv``; ``backprop`` = the same model from plain flax layers), compiles one
@@ -106,7 +107,8 @@ def header(env: dict, args) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", default="all", choices=("mlp", "convnet", "all"))
+  parser.add_argument("--model", default="all", choices=("mlp", "convnet", "resnet", "vit", "all"),
+                      help="all: the paper's two models")
   parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                       help="comma-separated; 'backprop' is always added (the baseline)")
   parser.add_argument("--batch-size", type=int, default=500)

@@ -449,3 +449,37 @@ def test_solve_precision_is_configurable_and_checked():
   assert jax.lax.Precision.HIGH in found and jax.lax.Precision.HIGHEST not in found
   with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision or one of"):
     pp.dense(x, k, solve_precision="fast")
+
+
+# ------------------------------------------------------------------ non-finite inputs
+
+
+@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
+def test_one_non_finite_row_makes_the_whole_direction_non_finite(mode):
+  # What the README documents: the Gram (or AAᵀ) mixes every row, so a NaN/Inf in one
+  # input row reaches every entry of the direction, never a silently finite wrong one.
+  x = jnp.ones((6, 4)).at[2, 1].set(jnp.nan)
+  k = jnp.ones((4, 3))
+  for bad in (x, x.at[2, 1].set(jnp.inf)):
+    dk, db = jax.grad(lambda k, b: jnp.sum(pp.dense(bad, k, b, mode=mode) ** 2),
+                      argnums=(0, 1))(k, jnp.zeros(3))
+    assert not np.isfinite(np.asarray(dk)).any() and not np.isfinite(np.asarray(db)).any()
+
+
+@pytest.mark.usefixtures("x64")
+def test_traced_tau_gives_the_closed_form_of_its_value():
+  # τ passed as a jit argument (a schedule inside a step): one trace for every value.
+  rng = np.random.default_rng(9)
+  x, k = jnp.asarray(rng.normal(size=(5, 7))), jnp.asarray(rng.normal(size=(7, 2)))
+  c = jnp.asarray(rng.normal(size=(5, 2)))
+  traces = []
+
+  @jax.jit
+  def direction(tau):
+    traces.append(tau)
+    return jax.grad(lambda k: jnp.sum(c * pp.dense(x, k, mode="prox_exact", tau_prox=tau)))(k)
+
+  for tau in (0.1, 3.0):
+    want = reference.direction(np.asarray(x), np.asarray(c), "prox_exact", 1 / tau)
+    assert rel_err(direction(jnp.asarray(tau)), want) <= 1e-10
+  assert len(traces) == 1
