@@ -387,8 +387,8 @@ def test_bad_shapes_and_options_raise_clearly():
 
 # Under jit with the batch sharded over a mesh with Explicit axes (jax.make_mesh's default),
 # a reshape of a sharded array needs its output sharding: the layers must keep the axes
-# apart outside the backward rule. The device count is fixed when JAX starts, hence a
-# subprocess with 4 CPU devices.
+# apart outside the backward rule. Then shard_map with check_vma=True. The device count is
+# fixed when JAX starts, hence a subprocess with 4 CPU devices.
 EXPLICIT_MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -415,11 +415,27 @@ for layer, x_shape, k_shape, b_shape, spec, mode in cases:
   got = jax.jit(step)(put(x, spec), put(t, spec), put(k, P()), put(b, P()))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     worst = max(worst, float(np.abs(g - w).max() / np.abs(w).max()))
+# shard_map with check_vma=True (autodiff sums the replicated parameters' cotangents) on
+# an Auto mesh; the rows of the batch-axis layer (its second axis) split: batch space.
+auto = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+layer = cases[1][0]
+x, k, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 12), (2, 12, 3), (2, 3)))
+t = jnp.asarray(rng.normal(size=layer(x, k, b, mode="gradient").shape), jnp.float32)
+loss = lambda k, b, x, t, axis: 0.5 * jnp.mean(
+    (layer(x, k, b, mode="prox_exact", axis_name=axis) - t) ** 2)
+want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=4)(k, b, x, t, None)
+per_device = lambda k, b, x, t: jax.grad(
+    lambda k, b: jax.lax.pmean(loss(k, b, x, t, "data"), "data"), argnums=(0, 1))(k, b)
+got = jax.jit(jax.shard_map(per_device, mesh=auto, in_specs=(P(), P(), P(None, "data"),
+                                                              P(None, "data")),
+                            out_specs=P(), check_vma=True))(k, b, x, t)
+for g, w in zip(got, want):
+  worst = max(worst, float(np.abs(g - w).max() / np.abs(w).max()))
 print(worst)
 """
 
 
-def test_jit_on_an_explicit_mesh_gives_the_one_device_results(tmp_path):
+def test_jit_on_an_explicit_mesh_and_shard_map_give_the_one_device_results(tmp_path):
   script = tmp_path / "explicit_mesh.py"
   script.write_text(EXPLICIT_MESH_SCRIPT)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
