@@ -373,9 +373,10 @@ class LinearGeneral(ProxLayer, nnx.LinearGeneral):
   """``nnx.LinearGeneral`` whose parameter cotangent is the ProxProp direction.
 
   A dense layer over the flattened contracted ``axis`` (rows: the input's other
-  axes); each index of ``batch_axis`` has its own block-diagonal system (see
-  `proxprop_jax.dense_general`). ``dot_general``, ``dot_general_cls`` and
-  ``preferred_element_type`` are not supported. Extra arguments as `Linear`.
+  axes); each index of ``batch_axis`` has its own weights and so its own system
+  (a block-diagonal ``AᵀA``; see `proxprop_jax.dense_general`). ``dot_general``,
+  ``dot_general_cls`` and ``preferred_element_type`` are not supported. Extra
+  arguments as `Linear`.
   """
 
   def __init__(self, in_features, out_features, *, mode="prox_cg1", tau_prox=1.0,

@@ -80,16 +80,34 @@ def _components(pattern):
   return list(groups.values())
 
 
-def _reference_direction(flax_layer, x, c, mode):
-  """``D`` per independent system of the plain flax layer, flattened like its params."""
+def _reference_directions(flax_layer, x, c, modes):
+  """``{mode: D}`` per independent system of the plain flax layer, flattened like its
+  params, and the number of systems."""
   graphdef, params = nnx.split(flax_layer, nnx.Param)
   theta, unravel = ravel_pytree(params)
   jac = np.asarray(jax.jacfwd(lambda t: nnx.merge(graphdef, unravel(t))(x).ravel())(theta))
   systems = _components(jac.T @ jac != 0)
-  d = np.zeros(theta.shape)
-  for s in systems:
-    d[s] = reference.direction(jac[:, s], np.asarray(c).reshape(-1, 1), mode, LAM)[:, 0]
-  return d, len(systems)
+  directions = {}
+  for mode in modes:
+    d = directions[mode] = np.zeros(theta.shape)
+    for s in systems:
+      d[s] = reference.direction(jac[:, s], np.asarray(c).reshape(-1, 1), mode, LAM)[:, 0]
+  return directions, len(systems)
+
+
+def _assert_same_params(ours, theirs):
+  ours_params, theirs_params = _params(ours), _params(theirs)
+  assert jax.tree.structure(ours_params) == jax.tree.structure(theirs_params)
+  for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(theirs_params)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+
+
+def _set_bias(modules, bias):
+  """The same bias (not zero: its broadcast is checked too) in each module that has one."""
+  for module in modules:
+    if module.bias is not None:
+      module.bias[...] = jnp.asarray(bias(module.bias.shape), module.bias.dtype)
 
 
 @nnx.jit
@@ -101,21 +119,15 @@ def _directions(modules, x, c):
 # --------------------------------------------------------------- flax's layer, exactly
 
 
-@pytest.mark.parametrize("name,dtype", [(name, None) for name in CASES] + [
-    ("LinearGeneral-batch-axis", jnp.bfloat16), ("Einsum-per-head", jnp.bfloat16)])
+# Every case in float64 in test_direction_matches_numpy_per_system; here the dtypes.
+@pytest.mark.parametrize("name,dtype", [("LinearGeneral-mha-qkv", None), ("Einsum-per-head", None),
+                                        ("LinearGeneral-batch-axis", jnp.bfloat16),
+                                        ("Einsum-per-head", jnp.bfloat16)])
 def test_same_parameters_and_forward_as_flax(name, dtype):
   ours, theirs, x_shape = _layers(name, param_dtype=dtype or jnp.float32)
   assert isinstance(ours, pp.ProxLayer) and isinstance(ours, type(theirs))
-  ours_params, theirs_params = _params(ours), _params(theirs)
-  assert jax.tree.structure(ours_params) == jax.tree.structure(theirs_params)
-  for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(theirs_params)):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(a, b)
-  # A bias that is not zero, so its broadcast is checked too.
-  for module in (ours, theirs):
-    if module.bias is not None:
-      module.bias[...] = jnp.arange(module.bias.size, dtype=module.bias.dtype).reshape(
-          module.bias.shape)
+  _assert_same_params(ours, theirs)
+  _set_bias((ours, theirs), lambda shape: np.arange(np.prod(shape)).reshape(shape))
   x = jax.random.normal(jax.random.key(1), x_shape)
   y, want = ours(x), theirs(x)
   assert y.dtype == want.dtype and y.shape == want.shape
@@ -197,24 +209,28 @@ def test_direction_matches_numpy_per_system(name):
   rng = np.random.default_rng(0)
   ours = [_layers(name, mode, param_dtype=jnp.float64)[0] for mode in MODES]
   _, theirs, x_shape = _layers(name, param_dtype=jnp.float64)
+  _set_bias([*ours, theirs], lambda shape: np.random.default_rng(1).normal(size=shape))
   x = jnp.asarray(rng.normal(size=x_shape))
+  # flax's parameters and forward pass (the plain layer, and the custom_vjp of a solve).
+  for layer in ours[:2]:
+    _assert_same_params(layer, theirs)
+    np.testing.assert_allclose(layer(x), theirs(x), rtol=1e-12, atol=1e-12)
   c = jnp.asarray(rng.normal(size=theirs(x).shape))
+  want, systems = _reference_directions(theirs, x, c, MODES)
+  assert systems == _systems(name)
   for mode, got in zip(MODES, _directions(ours, x, c)):
-    want, systems = _reference_direction(theirs, x, c, mode)
-    assert systems == _systems(name)
-    assert rel_err(got, want) <= 1e-8, (name, mode, rel_err(got, want))
+    assert rel_err(got, want[mode]) <= 1e-8, (name, mode, rel_err(got, want[mode]))
 
 
-EXACT_PLANS = [pp.Plan(s, v, m) for s in ("batch", "parameter") for v in ("cholesky", "inverse")
-               for m in (False, True) if not (m and (s == "parameter" or v == "cholesky"))]
-CG_PLANS = [pp.Plan(s, v, m) for s in ("batch", "parameter") for v in ("cg", "eig_cg")
-            for m in (False, True) if not (m and (s == "parameter" or v == "cg"))]
+# Each system with each kind of solver; test_direction covers every plan on dense layers.
+PLANS = {"prox_exact": [pp.Plan("batch", "inverse", True), pp.Plan("parameter", "cholesky")],
+         "prox_cg3": [pp.Plan("batch", "eig_cg"), pp.Plan("parameter", "cg")]}
 
 
 @pytest.mark.usefixtures("x64")
-def test_every_plan_of_the_block_systems_matches_numpy():
-  # Per-head weights: one system per head and output feature, in both systems, with
-  # every solver and multiplication order (rows < p < k: each plan a different product).
+def test_both_systems_of_the_block_layer_match_numpy():
+  # Per-head weights: one system per head and output feature, from the batch-space rows
+  # (`matrix`, `cotangent_rows`) and from the parameter-space Gram (`gram`).
   equation, x_shape, kernel_shape = "btnh,nhk->btnk", (1, 3, 2, 8), (2, 8, 12)
   theirs = nnx.Einsum(equation, kernel_shape, kernel_shape[::2], param_dtype=jnp.float64,
                       rngs=nnx.Rngs(0))
@@ -223,8 +239,7 @@ def test_every_plan_of_the_block_systems_matches_numpy():
   kernel, bias = theirs.kernel[...], jnp.asarray(rng.normal(size=theirs.bias.shape))
   theirs.bias[...] = bias
   c = jnp.asarray(rng.normal(size=theirs(x).shape))
-  cases = [(m, p) for m in ("prox_exact", "prox_cg3")
-           for p in (EXACT_PLANS if m == "prox_exact" else CG_PLANS)]
+  cases = [(m, p) for m, plans in PLANS.items() for p in plans]
 
   @jax.jit
   def directions(x, kernel, bias, c):
@@ -232,7 +247,7 @@ def test_every_plan_of_the_block_systems_matches_numpy():
         equation, x, k, b, mode=m, tau_prox=1 / LAM, plan=p)), argnums=(0, 1))(kernel, bias)
                          [::-1])[0] for m, p in cases]  # bias first, like the flax state
 
-  want = {m: _reference_direction(theirs, x, c, m)[0] for m in ("prox_exact", "prox_cg3")}
+  want = _reference_directions(theirs, x, c, PLANS)[0]
   for (mode, plan), got in zip(cases, directions(x, kernel, bias, c)):
     assert rel_err(got, want[mode]) <= 1e-8, (mode, plan, rel_err(got, want[mode]))
 
@@ -240,23 +255,22 @@ def test_every_plan_of_the_block_systems_matches_numpy():
 # ------------------------------------------------------------------- several devices
 
 
-@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
-def test_vmap_over_an_axis_gives_the_global_direction(mode):
+def test_vmap_over_an_axis_gives_the_global_direction():
   # vmap with axis_name runs the collectives like devices would: 4 shards of the rows,
   # which for the batch-axis layer are its second axis (its first is the block axis).
   rng = np.random.default_rng(0)
-  cases = [
+  cases = [  # layer, x's sharded axis, x, kernel and bias shapes, mode
       (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw), 0,
-       (8, 2, 2, 3), (2, 3, 4), (2, 4)),                                     # parameter space
+       (8, 2, 2, 3), (2, 3, 4), (2, 4), "prox_exact"),                       # parameter space
       (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw), 0,
-       (8, 1, 2, 12), (2, 12, 4), (2, 4)),                                   # batch space
+       (8, 1, 2, 12), (2, 12, 4), (2, 4), "prox_cg2"),                       # batch space
       (lambda x, k, b, **kw: pp.dense_general(x, k, b, batch_dims=(0,), **kw), 1,
-       (2, 8, 12), (2, 12, 3), (2, 3)),                                      # batch space
+       (2, 8, 12), (2, 12, 3), (2, 3), "prox_exact"),                        # batch space
       (lambda x, k, b, **kw: pp.dense_general(x, k, b, axis=(-2, -1), **kw), 0,
-       (8, 2, 2), (2, 2, 3), (3,)),                                          # no blocks
+       (8, 2, 2), (2, 2, 3), (3,), "prox_cg2"),                       # no blocks, parameter
   ]
   with pp.planner.recording() as plans:
-    for layer, split, x_shape, k_shape, b_shape in cases:
+    for layer, split, x_shape, k_shape, b_shape, mode in cases:
       x, kernel = jnp.asarray(rng.normal(size=x_shape)), jnp.asarray(rng.normal(size=k_shape))
       bias = jnp.asarray(rng.normal(size=b_shape))
       target = jnp.asarray(rng.normal(size=layer(x, kernel, bias, mode="gradient").shape))
@@ -373,8 +387,8 @@ def test_bad_shapes_and_options_raise_clearly():
 
 # Under jit with the batch sharded over a mesh with Explicit axes (jax.make_mesh's default),
 # a reshape of a sharded array needs its output sharding: the layers must keep the axes
-# apart outside the backward rule. The device count is fixed when JAX starts, hence a
-# subprocess with 4 CPU devices.
+# apart outside the backward rule. Then shard_map with check_vma=True. The device count is
+# fixed when JAX starts, hence a subprocess with 4 CPU devices.
 EXPLICIT_MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -382,8 +396,6 @@ import proxprop_jax as pp
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
 rng = np.random.default_rng(0)
 cases = [  # layer, x shape, kernel shape, bias shape, x's sharded axis, mode
-    (lambda x, k, b, **kw: pp.einsum("btnh,nhk->btnk", x, k, b, **kw),
-     (8, 3, 2, 4), (2, 4, 3), (2, 3), P("data"), "prox_exact"),
     (lambda x, k, b, **kw: pp.einsum("btnh,nhd->btd", x, k, b, **kw),
      (8, 3, 2, 4), (2, 4, 5), (5,), P("data"), "prox_cg2"),
     (lambda x, k, b, **kw: pp.dense_general(x, k, b, batch_dims=(0,), **kw),
@@ -403,11 +415,27 @@ for layer, x_shape, k_shape, b_shape, spec, mode in cases:
   got = jax.jit(step)(put(x, spec), put(t, spec), put(k, P()), put(b, P()))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     worst = max(worst, float(np.abs(g - w).max() / np.abs(w).max()))
+# shard_map with check_vma=True (autodiff sums the replicated parameters' cotangents) on
+# an Auto mesh; the rows of the batch-axis layer (its second axis) split: batch space.
+auto = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+layer = cases[1][0]
+x, k, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 12), (2, 12, 3), (2, 3)))
+t = jnp.asarray(rng.normal(size=layer(x, k, b, mode="gradient").shape), jnp.float32)
+loss = lambda k, b, x, t, axis: 0.5 * jnp.mean(
+    (layer(x, k, b, mode="prox_exact", axis_name=axis) - t) ** 2)
+want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=4)(k, b, x, t, None)
+per_device = lambda k, b, x, t: jax.grad(
+    lambda k, b: jax.lax.pmean(loss(k, b, x, t, "data"), "data"), argnums=(0, 1))(k, b)
+got = jax.jit(jax.shard_map(per_device, mesh=auto, in_specs=(P(), P(), P(None, "data"),
+                                                              P(None, "data")),
+                            out_specs=P(), check_vma=True))(k, b, x, t)
+for g, w in zip(got, want):
+  worst = max(worst, float(np.abs(g - w).max() / np.abs(w).max()))
 print(worst)
 """
 
 
-def test_jit_on_an_explicit_mesh_gives_the_one_device_results(tmp_path):
+def test_jit_on_an_explicit_mesh_and_shard_map_give_the_one_device_results(tmp_path):
   script = tmp_path / "explicit_mesh.py"
   script.write_text(EXPLICIT_MESH_SCRIPT)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
