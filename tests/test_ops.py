@@ -9,7 +9,7 @@ import pytest
 
 import proxprop_jax as pp
 from tests import reference
-from tests.helpers import flat, matrix_free_direction, rel_err
+from tests.helpers import flat, matrix_free_direction, product_precisions, rel_err
 
 MODES = ["gradient", "prox_exact", "prox_cg1", "prox_cg2", "prox_cg5"]
 CONV_MODES = ["gradient", "prox_exact", "prox_cg2"]  # compile time: conv cases are many
@@ -375,32 +375,6 @@ def test_bad_mode_and_tau_raise_at_call_time(op):
 
 # ------------------------------------------------------------------------- precision
 
-PRODUCTS = ("dot_general", "conv_general_dilated")
-
-
-def _product_precisions(closed_jaxpr) -> list:
-  """The ``precision`` of every matrix product and convolution in a jaxpr, sub-jaxprs
-  (loops, custom rules, jit) included; one entry per product (the lhs/rhs pair collapsed,
-  unset as ``DEFAULT``)."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in PRODUCTS:
-        p = eqn.params["precision"]
-        p = p[0] if isinstance(p, tuple) else p
-        found.append(jax.lax.Precision.DEFAULT if p is None else p)
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            walk(sub.jaxpr)
-
-  walk(closed_jaxpr.jaxpr)
-  return found
-
-
 PRECISION_PLANS = [None] + [pp.Plan(s, v, m) for s in ("batch", "parameter")
                             for v in ("cholesky", "inverse", "cg", "eig_cg")
                             for m in (False, True)
@@ -420,7 +394,7 @@ def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
 
   def plain_products(precision):
     fn = lambda x: jnp.sum(op(x, k, b, mode="gradient", precision=precision) ** 2)
-    return _product_precisions(jax.make_jaxpr(jax.grad(fn))(x))
+    return product_precisions(jax.make_jaxpr(jax.grad(fn))(x))
 
   for mode in ("gradient", "prox_exact", "prox_cg3"):
     for plan in PRECISION_PLANS:
@@ -433,7 +407,7 @@ def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
         loss = lambda x, k, b: jnp.sum(op(x, k, b, mode=mode, tau_prox=0.5, precision=user,
                                           axis_name=None, plan=plan) ** 2)
         with jax.default_matmul_precision("bfloat16"):
-          found = _product_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b))
+          found = product_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b))
         user_products = plain_products(user)
         if mode == "gradient":  # the plain layer, jax.grad's products at the user's precision
           assert found.count(user) == len(found), (mode, user)
@@ -445,7 +419,7 @@ def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
 def test_solve_precision_is_configurable_and_checked():
   x, k = jnp.ones((6, 9)), jnp.ones((9, 4))
   loss = lambda k: jnp.sum(pp.dense(x, k, mode="prox_cg2", solve_precision="high") ** 2)
-  found = _product_precisions(jax.make_jaxpr(jax.grad(loss))(k))
+  found = product_precisions(jax.make_jaxpr(jax.grad(loss))(k))
   assert jax.lax.Precision.HIGH in found and jax.lax.Precision.HIGHEST not in found
   with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision or one of"):
     pp.dense(x, k, solve_precision="fast")
