@@ -207,15 +207,22 @@ class NormAffine:
   def cotangent_rows(self, g):
     return self._by_feature(g)[..., None]
 
-  def gradient(self, x, g):
+  def gradient(self, x, g, scale, bias):
     """``Aᵀg`` per feature, ``(F, p, 1)``: ``(Σ x̂ g, Σ g)`` over the rows (the entries used).
 
-    Written out rather than transposed: with ``bias`` only the layer ``x̂ + bias`` is
-    affine, not linear, in its arguments."""
-    rows = self._row_axes(x.ndim)
-    parts = ([jnp.sum(x * g, axis=rows)] if self.use_scale else []) + (
-        [jnp.sum(g, axis=rows)] if self.use_bias else [])
-    return jnp.stack([v.reshape(-1) for v in parts], axis=-1)[..., None]
+    The transpose of ``θ ↦ Aθ`` at the parameters ``scale``, ``bias`` (their shapes,
+    dtypes and device variance: under ``shard_map`` a replicated parameter's
+    cotangent comes out summed over devices, as autodiff's does; see `spmd`).
+    """
+    shape = self._feature_shape(x.shape)
+
+    def product(scale, bias):  # Aθ; without a scale, x̂ is an offset, not a part of it
+      parts = ([x * scale.reshape(shape)] if scale is not None else []) + (
+          [jnp.broadcast_to(bias.reshape(shape), x.shape)] if bias is not None else [])
+      return sum(parts[1:], parts[0])
+
+    cotangents = jax.linear_transpose(product, scale, bias)(g)
+    return jnp.stack([v for v in cotangents if v is not None], axis=-1)[..., None]
 
   def from_columns(self, d):
     """``(scale, bias)`` directions, ``(F,)`` each (None where the layer has none)."""
@@ -249,7 +256,7 @@ class Embed:
     """``diag(AᵀA)``: how often each of the ``V`` tokens occurs in ``ids``, as ``dtype``."""
     lookup = lambda column: self.apply(ids, column[:, None])[..., 0]
     (counts,) = jax.linear_transpose(lookup, jax.ShapeDtypeStruct((self.num_embeddings,), dtype))(
-        jnp.ones(ids.shape, dtype))
+        jnp.ones_like(ids, dtype))
     return counts
 
   def gradient(self, ids, g):

@@ -339,10 +339,12 @@ def _prox_norm_affine_bwd(kind, cfg, residuals, g):
   problem = kind.problem(x.shape, spmd.axis_size(cfg.axis_name))
   plan = cfg.plan or planner.plan(problem, cfg.mode)
   planner.record(problem, plan)
-  d = _direction(plan, kind, cfg, xs, gs, kind.gradient(xs, gs), jnp.asarray(lam, dtype))
-  cast = lambda d, p: None if p is None else spmd.vary_like(d.astype(p.dtype), p)
+  cast = lambda v: None if v is None else v.astype(dtype)
+  grad = kind.gradient(xs, gs, cast(scale), cast(bias))
+  d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype))
+  back = lambda d, p: None if p is None else spmd.vary_like(d.astype(p.dtype), p)
   dscale, dbias = kind.from_columns(d)
-  return dx, cast(dscale, scale), cast(dbias, bias), jnp.zeros_like(lam)
+  return dx, back(dscale, scale), back(dbias, bias), jnp.zeros_like(lam)
 
 
 _prox_norm_affine.defvjp(_prox_norm_affine_fwd, spmd.global_view(_prox_norm_affine_bwd))

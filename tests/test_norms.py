@@ -1,7 +1,13 @@
 """`pp.norm_affine` and the NNX norm layers (LayerNorm, RMSNorm, GroupNorm, BatchNorm):
 flax's forward pass, parameters and running statistics; the direction against float64
 NumPy per feature (``A_f = [x̂[:, f], 1]`` from a NumPy normalisation); every plan;
-several devices; bfloat16."""
+several devices (vmap here, 4 fake devices in a subprocess); bfloat16."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,7 @@ import proxprop_jax as pp
 from tests import reference
 
 MODES = ["gradient", "prox_exact", "prox_cg1", "prox_cg3"]
+ROOT = pathlib.Path(__file__).parents[1]
 
 
 @pytest.fixture
@@ -263,3 +270,17 @@ def test_bad_input_raises():
     pp.LayerNorm(3, mode="prox", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="tau_prox must be"):
     pp.BatchNorm(3, tau_prox=0.0, rngs=nnx.Rngs(0))
+
+
+def test_shard_map_and_sharded_jit_give_the_global_direction():
+  # 4 fake devices in a subprocess (tests/_norms_devices_worker.py), pp.embed included.
+  # A device's own Aᵀg, or one averaged where autodiff already summed it, is off by O(1).
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+  env.pop("JAX_ENABLE_X64", None)
+  out = subprocess.run([sys.executable, "-m", "tests._norms_devices_worker"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  errors = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(errors) == 5
+  for case, err in errors.items():
+    assert err < 1e-5, (case, err)
