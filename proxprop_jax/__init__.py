@@ -10,7 +10,8 @@ from proxprop_jax.modes import VALID_MODES, Mode, check_tau, parse_mode
 from proxprop_jax.nnx import Conv, Linear, TauProx, check_linear, prox_module
 from proxprop_jax.ops import MAX_EXACT_PARAMS, SOLVE_PRECISION, conv, dense, proximal
 from proxprop_jax.planner import Plan
-from proxprop_jax.convert import Report, convert, set_tau
+from proxprop_jax.conversion import Report, convert, set_tau
+from proxprop_jax.diagnosis import diagnostics
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ __all__ = [
     "TauProx", "VALID_MODES", "check_linear", "check_tau", "conv", "dense", "linen", "parallel",
     "parse_mode", "planner", "prox_module", "proximal",
 ]
-__all__ += ["Report", "convert", "set_tau"]
+__all__ += ["Report", "convert", "diagnostics", "set_tau"]

@@ -17,8 +17,10 @@ over devices. ``τ`` may be a traced value (a live, scheduled step size).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable
 
 import jax
@@ -135,6 +137,7 @@ def apply(kind, cfg: Config, x, kernel, bias, tau_prox):
   """Applies a layer ``kind`` with a ProxProp backward pass (the plain layer for
   ``gradient`` mode on one device: ``jax.grad``'s gradient at its cost)."""
   lam = damping(tau_prox)
+  observe(kind, cfg, x, kernel, bias, lam)
   if cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None:
     return kind.apply(x, kernel, bias, cfg.precision)
   return _prox_layer(kind, cfg, x, kernel, bias, lam)
@@ -318,3 +321,40 @@ _proximal.defvjp(_proximal_fwd, spmd.global_view(_proximal_bwd))
 
 __all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
            "proximal"]
+
+
+# ---------------------------------------------------------------------- observing calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One ProxProp layer call as `apply` received it (`observing`)."""
+
+  kind: Any
+  cfg: Config
+  x: Any
+  kernel: Any
+  bias: Any
+  lam: Any
+
+
+_OBSERVERS = threading.local()
+
+
+@contextlib.contextmanager
+def observing():
+  """Collects the `Call` of every ProxProp op applied inside (``pp.diagnostics`` forms each
+  layer's system from it). Its arrays belong to the trace the op ran in."""
+  stack = _OBSERVERS.__dict__.setdefault("stack", [])
+  calls = []
+  stack.append(calls)
+  try:
+    yield calls
+  finally:
+    stack.remove(calls)
+
+
+def observe(kind, cfg: Config, x, kernel, bias, lam) -> None:
+  """Adds one call to every active `observing` (every op with a layer kind calls it)."""
+  for calls in getattr(_OBSERVERS, "stack", ()):
+    calls.append(Call(kind, cfg, x, kernel, bias, lam))
