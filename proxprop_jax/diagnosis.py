@@ -119,7 +119,7 @@ def _layer_numbers(layer, d_layer, calls):
   prox_call = type(layer).__call__
 
   def plain(params, args, kwargs):  # θ ↦ A θ: the flax layer, linear in its parameters
-    return base.__call__(nnx.merge(graphdef, params, rest), *args, **kwargs)
+    return base.__call__(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
 
   def transpose(args, kwargs, u):  # u ↦ Aᵀ u
     return jax.vjp(lambda p: plain(p, args, kwargs), theta)[1](u.astype(dtype))[0]
@@ -134,10 +134,10 @@ def _layer_numbers(layer, d_layer, calls):
       ata_d = add(ata_d, transpose(args, kwargs, plain(d, args, kwargs)))
     with planner.recording() as records:
       jax.eval_shape(lambda t, a, g: jax.vjp(
-          lambda t: prox_call(nnx.merge(graphdef, t, rest), *a, **kwargs), t)[1](g),
+          lambda t: prox_call(nnx.merge(graphdef, t, rest, copy=True), *a, **kwargs), t)[1](g),
                      theta, args, g)
     with ops.observing() as observed:
-      prox_call(nnx.merge(graphdef, theta, rest), *args, **kwargs)
+      prox_call(nnx.merge(graphdef, theta, rest, copy=True), *args, **kwargs)
     for i, (_, plan) in enumerate(reversed(records)):  # backward order: last call first
       systems.append(plan.system)
       if plan.solver not in ("cholesky", "inverse"):
@@ -165,7 +165,7 @@ def diagnostic_arrays(model, loss_fn, *batch) -> dict[str, dict]:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def run(params, probes):
-    copy = nnx.merge(graphdef, params, rest)  # the model itself is left as it is
+    copy = nnx.merge(graphdef, params, rest, copy=True)  # the model itself is left as it is
     layers = conversion.prox_layers(copy)
     tape = _Tape({id(layer): path for path, layer in layers.items()}, probes)
     with _probing(list(layers.values()), tape):
@@ -179,9 +179,9 @@ def diagnostic_arrays(model, loss_fn, *batch) -> dict[str, dict]:
   probes = [jnp.zeros(s.shape, s.dtype) for s in shapes[0]]
   (_, inputs), (directions, cotangents) = jax.value_and_grad(run, (0, 1), has_aux=True)(
       params, probes)
-  model_copy = nnx.merge(graphdef, params, rest)
+  model_copy = nnx.merge(graphdef, params, rest, copy=True)
   layers = conversion.prox_layers(model_copy)
-  d_layers = conversion.prox_layers(nnx.merge(graphdef, directions, rest))
+  d_layers = conversion.prox_layers(nnx.merge(graphdef, directions, rest, copy=True))
   by_path: dict[str, list] = {}
   for (path, kwargs), args, g in zip(static[-1], inputs, cotangents):
     by_path.setdefault(path, []).append((args, kwargs, g))
