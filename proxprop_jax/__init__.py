@@ -12,6 +12,7 @@ from proxprop_jax.ops import MAX_EXACT_PARAMS, SOLVE_PRECISION, conv, dense, pro
 from proxprop_jax.planner import Plan
 from proxprop_jax.conversion import Report, convert, set_tau
 from proxprop_jax.diagnosis import diagnostics
+from proxprop_jax.reuse import ReusedParameterError
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,4 @@ __all__ = [
     "TauProx", "VALID_MODES", "check_linear", "check_tau", "conv", "dense", "linen", "parallel",
     "parse_mode", "planner", "prox_module", "proximal",
 ]
-__all__ += ["Report", "convert", "diagnostics", "set_tau"]
+__all__ += ["Report", "ReusedParameterError", "convert", "diagnostics", "set_tau"]
