@@ -50,7 +50,7 @@ def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precis
       parts.append(jnp.sum(m, axis=-2, keepdims=True))
     return jnp.concatenate(parts, axis=-2)
 
-  row_gram = matmul(a, transpose(a), precision) + (1 if use_bias else 0)
+  row_gram = row_gram_of(a, use_bias, precision)
   if plan.solver == "cholesky":
     return a_transpose(solvers.spd_solve(row_gram, g, lam, precision))
   if plan.solver == "inverse":
@@ -69,3 +69,6 @@ def diagonal(evals, grad, lam, steps: int | None):
   if steps is None:
     return grad / (evals + lam)[:, None]
   return solvers.eig_cg(evals, grad, lam, steps)
+def row_gram_of(a, use_bias: bool, precision=None):
+  """The row Gram ``AAᵀ = aaᵀ + 1`` (B, rows, rows) of ``A = [a, 1]`` (the batch system)."""
+  return matmul(a, transpose(a), precision) + (1 if use_bias else 0)

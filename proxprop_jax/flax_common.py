@@ -1,7 +1,7 @@
 """What the NNX and the Linen ProxProp layers share.
 
 * `ProxLayer`: the marker every ProxProp layer carries (``isinstance`` checks in
-  `proxprop_jax.parallel`, `proxprop_jax.convert`);
+  `proxprop_jax.parallel`, `proxprop_jax.conversion`);
 * `prox_settings`: the validated ``mode``/``τ``/``axis_name``/``solve_precision``;
 * `conv`: ``pp.conv`` with flax's ``Conv`` conventions.
 """

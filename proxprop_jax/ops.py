@@ -17,9 +17,11 @@ over devices. ``τ`` may be a traced value (a live, scheduled step size).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Callable
 
 import jax
@@ -136,6 +138,7 @@ def apply(kind, cfg: Config, x, kernel, bias, tau_prox):
   """Applies a layer ``kind`` with a ProxProp backward pass (the plain layer for
   ``gradient`` mode on one device: ``jax.grad``'s gradient at its cost)."""
   lam = damping(tau_prox)
+  observe(kind, cfg, x, kernel, bias, lam)
   if cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None:
     return kind.apply(x, kernel, bias, cfg.precision)
   return _prox_layer(kind, cfg, x, kernel, bias, lam)
@@ -532,3 +535,41 @@ def einsum(equation: str, x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0
 
 __all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
            "dense_general", "einsum", "embed", "norm_affine", "proximal"]
+           "proximal"]
+
+
+# ---------------------------------------------------------------------- observing calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One ProxProp layer call as `apply` received it (`observing`)."""
+
+  kind: Any
+  cfg: Config
+  x: Any
+  kernel: Any
+  bias: Any
+  lam: Any
+
+
+_OBSERVERS = threading.local()
+
+
+@contextlib.contextmanager
+def observing():
+  """Collects the `Call` of every ProxProp op applied inside (``pp.diagnostics`` forms each
+  layer's system from it). Its arrays belong to the trace the op ran in."""
+  stack = _OBSERVERS.__dict__.setdefault("stack", [])
+  calls = []
+  stack.append(calls)
+  try:
+    yield calls
+  finally:
+    stack.remove(calls)
+
+
+def observe(kind, cfg: Config, x, kernel, bias, lam) -> None:
+  """Adds one call to every active `observing` (every op with a layer kind calls it)."""
+  for calls in getattr(_OBSERVERS, "stack", ()):
+    calls.append(Call(kind, cfg, x, kernel, bias, lam))

@@ -180,7 +180,7 @@ def selected(include: Selector, exclude: Selector, paths, module) -> bool:
           and not (exclude is not None and _matches(exclude, paths, module)))
 
 
-def _check_selector(name: str, selector) -> None:
+def check_selector(name: str, selector) -> None:
   if selector is None or callable(selector):
     return
   if isinstance(selector, str) or (isinstance(selector, (list, tuple))
@@ -320,8 +320,8 @@ def convert(model, *, mode, tau_prox, axis_name=None, include: Selector = None,
     `proxprop_jax.reuse`).
   """
   settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision)
-  _check_selector("include", include)
-  _check_selector("exclude", exclude)
+  check_selector("include", include)
+  check_selector("exclude", exclude)
   table = counterparts()
   if type(model) in table:
     raise ValueError(
@@ -371,8 +371,8 @@ def convert(model, *, mode, tau_prox, axis_name=None, include: Selector = None,
 
 def prox_layers(model, include: Selector = None, exclude: Selector = None) -> dict[str, Any]:
   """``{path: layer}`` of the ProxProp NNX layers below ``model`` (first path of each)."""
-  _check_selector("include", include)
-  _check_selector("exclude", exclude)
+  check_selector("include", include)
+  check_selector("exclude", exclude)
   nodes = walk(model)[0]
   if isinstance(model, ProxLayer):
     nodes.insert(0, Node(model, paths=[""]))
