@@ -533,11 +533,6 @@ def einsum(equation: str, x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0
   return _contract("pp.einsum", spec, cfg, x, kernel, bias, tau_prox)
 
 
-__all__ = ["Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv", "dense",
-           "dense_general", "einsum", "embed", "norm_affine", "proximal"]
-           "proximal"]
-
-
 # ---------------------------------------------------------------------- observing calls
 
 
@@ -573,3 +568,7 @@ def observe(kind, cfg: Config, x, kernel, bias, lam) -> None:
   """Adds one call to every active `observing` (every op with a layer kind calls it)."""
   for calls in getattr(_OBSERVERS, "stack", ()):
     calls.append(Call(kind, cfg, x, kernel, bias, lam))
+
+
+__all__ = ["Call", "Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv",
+           "dense", "dense_general", "einsum", "embed", "norm_affine", "observing", "proximal"]
