@@ -3,8 +3,8 @@
 ``flax.linen.max_pool`` / ``flax.nnx.max_pool`` is ``lax.reduce_window``; its gradient is
 XLA's ``select_and_scatter``, which the CPU backend runs as a slow scalar loop: on the paper's
 ConvNet it takes about a third of a plain BackProp step. For the common non-overlapping case
-(``strides == window``, no padding) :func:`max_pool` instead reshapes each window into a
-trailing axis and takes its maximum; the gradient goes, as flax's does, entirely to the first
+(``strides == window``, no padding) :func:`max_pool` instead stacks the windows' elements
+(strided slices of the input) along a trailing axis and takes its maximum; the gradient goes, as flax's does, entirely to the first
 maximum of each window (row-major order) and is written as a ``where`` with the one-hot of that
 position, which XLA fuses into plain elementwise loops. Values and gradients are identical to
 flax's; every other configuration simply calls flax's ``max_pool``.
@@ -12,7 +12,7 @@ flax's; every other configuration simply calls flax's ``max_pool``.
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +43,21 @@ def _is_unpadded(padding, n: int) -> bool:
 
 
 def _windows(inputs, window_shape):
-  """``(..., out dims..., features, window elements)``: every window along the last axis."""
+  """``(..., out dims..., features, window elements)``: every window along the last axis.
+
+  Element ``(i, j, ...)`` of every window is one strided slice of the input; stacking the
+  slices in row-major order of the offsets keeps flax's "first maximum" order. Slices and a
+  stack (no reshape) keep the batch and feature shardings of an input on an Explicit mesh.
+  """
   n = len(window_shape)
   lead = inputs.ndim - n - 1
   spatial = inputs.shape[lead:lead + n]
   out = tuple(s // k for s, k in zip(spatial, window_shape))
   # VALID drops the trailing rows/columns that do not fill a window
-  x = inputs[(slice(None),) * lead + tuple(slice(0, o * k) for o, k in zip(out, window_shape))]
-  x = x.reshape(inputs.shape[:lead] + sum(((o, k) for o, k in zip(out, window_shape)), ())
-                + inputs.shape[-1:])
-  out_axes = [lead + 2 * i for i in range(n)]
-  window_axes = [lead + 2 * i + 1 for i in range(n)]
-  order = list(range(lead)) + out_axes + [x.ndim - 1] + window_axes
-  x = x.transpose(order)
-  return x.reshape(x.shape[:lead + n + 1] + (math.prod(window_shape),))
+  elements = [inputs[(slice(None),) * lead
+                     + tuple(slice(i, o * k, k) for i, o, k in zip(offset, out, window_shape))]
+              for offset in itertools.product(*(range(k) for k in window_shape))]
+  return jnp.stack(elements, axis=-1)
 
 
 @jax.custom_jvp

@@ -15,7 +15,7 @@ from experiments import paper
     (["--mode", "exact"], "backprop, gradient, prox_exact"),
     (["--tau-prox", "0"], "> 0"),
     (["--tau-prox", "nan"], "> 0"),
-    (["--model", "resnet"], "'convnet', 'mlp'"),
+    (["--model", "vgg"], "'convnet', 'mlp', 'resnet', 'vit'"),
     (["--optimizer", "sgd"], "'adam', 'adamw', 'nesterov'"),
     (["--dataset", "mnist"], "'cifar10', 'digits'"),
     (["--parallel", "gpu"], "'auto', 'none', 'pmap', 'sharded'"),
