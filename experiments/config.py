@@ -100,6 +100,9 @@ class RunConfig:
   resume: bool = flag(False, "continue the run in --out from its last checkpoint",
                       action="store_true")
   quiet: bool = flag(False, "one line per epoch instead of a progress bar", action="store_true")
+  diagnostics: bool = flag(False, "log pp.diagnostics of every ProxProp layer (solve residual, "
+                           "cosine to the gradient, ...) on the first mini-batch after every "
+                           "epoch", action="store_true")
 
 
 # Settings that must match for --resume to continue a run. Not in it: epochs (a run can be
@@ -138,6 +141,12 @@ def from_args(args: argparse.Namespace, **overrides) -> RunConfig:
 
 def check(config: RunConfig) -> None:
   """Raises `ConfigError` for settings argparse cannot reject on its own."""
+  if config.diagnostics and config.mode == "backprop":
+    raise ConfigError("--diagnostics describes ProxProp layers; mode backprop has none (choose "
+                      "a ProxProp mode, or gradient for the plain gradient through them)")
+  if config.diagnostics and config.parallel == "pmap":
+    raise ConfigError("--diagnostics runs on the global batch: use --parallel sharded (or "
+                      "auto), not pmap")
   if config.data_dir is not None:
     if config.dataset != "cifar10":
       raise ConfigError(f"--data-dir is for --dataset cifar10 only; {config.dataset} needs "

@@ -4,6 +4,8 @@
 
 Runs are labelled by model, mode, tau, optimizer and learning rate from their config.json
 (``--labels`` to choose); the title says what the runs share (``--title`` to choose).
+``--diagnostics FILE`` also draws what runs trained with ``--diagnostics`` logged: the solve's
+relative residual and the direction's cosine to the gradient, per layer and epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main(argv=None) -> None:
                       help="legend labels, one per RUN_DIR (default: from each config.json)")
   parser.add_argument("--title", default=None, help="figure title (default: what the runs "
                       "share: dataset, batch size, epochs)")
+  parser.add_argument("--diagnostics", default=None, metavar="FILE",
+                      help="also draw the logged diagnostics of the runs into FILE")
   args = parser.parse_args(argv)
   if args.labels is not None and len(args.labels) != len(args.run_dirs):
     parser.error(f"--labels gives {len(args.labels)} labels for {len(args.run_dirs)} runs")
@@ -37,6 +41,9 @@ def main(argv=None) -> None:
   for run in runs:  # two runs with the same settings: tell them apart by their folders
     if all_labels.count(run["label"]) > 1:
       run["label"] += f" ({os.path.basename(os.path.normpath(run['dir']))})"
+  if args.diagnostics is not None and not any(plots.has_diagnostics(r) for r in runs):
+    parser.error("--diagnostics: none of these runs logged diagnostics (train them with "
+                 "--diagnostics)")
   for warning in plots.mixed_settings(runs):
     print(f"warning: {warning}", file=sys.stderr)
   for run in runs:
@@ -47,6 +54,9 @@ def main(argv=None) -> None:
   plots.runs_figure(runs, title).savefig(args.out, dpi=120)
   print(plots.results_table(runs), end="")
   print(f"wrote {args.out}")
+  if args.diagnostics is not None:
+    plots.diagnostics_figure(runs, title).savefig(args.diagnostics, dpi=120)
+    print(f"wrote {args.diagnostics}")
 
 
 if __name__ == "__main__":

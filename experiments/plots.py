@@ -141,6 +141,43 @@ def runs_figure(runs: list, title: str = "") -> Figure:
   return _rows_figure([("", runs)], lambda run: run["label"], title)
 
 
+DIAGNOSTIC_PANELS = (("relative_residual", "relative residual of the solve", "log"),
+                     ("cosine_to_gradient", "cosine to the gradient", "linear"))
+
+
+def has_diagnostics(run: dict) -> bool:
+  """Whether the run logged ``--diagnostics`` in its metrics."""
+  return any("diagnostics" in m for m in run["metrics"])
+
+
+def diagnostics_figure(runs: list, title: str = "") -> Figure:
+  """Per run with diagnostics, one row: each `DIAGNOSTIC_PANELS` number vs epochs, one line
+  per ProxProp layer (the layer's path in the model)."""
+  runs = [r for r in runs if has_diagnostics(r)]
+  if not runs:
+    raise ValueError("none of these runs logged diagnostics (train with --diagnostics)")
+  fig = Figure(figsize=(5.5 * len(DIAGNOSTIC_PANELS), 3.6 * len(runs)), layout="constrained")
+  grid = fig.add_gridspec(len(runs), len(DIAGNOSTIC_PANELS))
+  for r, run in enumerate(runs):
+    rows = [m for m in run["metrics"] if "diagnostics" in m]
+    layers = list(dict.fromkeys(path for m in rows for path in m["diagnostics"]))
+    for c, (key, label, scale) in enumerate(DIAGNOSTIC_PANELS):
+      ax = fig.add_subplot(grid[r, c])
+      for path in layers:
+        points = [(m["epoch"], m["diagnostics"][path][key]) for m in rows
+                  if path in m["diagnostics"]]
+        ax.plot(*zip(*points), marker=".", label=path)
+      ax.set_yscale(scale, **({"nonpositive": "mask"} if scale == "log" else {}))
+      ax.set_xlabel("epoch")
+      ax.set_ylabel(label)
+      ax.set_title(f"{run['label']}: {label}")
+      ax.grid(True, which="both", alpha=0.3)
+      ax.legend(fontsize="x-small", title="layer")
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
 def describe_runs(runs: list) -> str:
   """What a set of runs has in common, for a title: dataset, batch size, epochs.
 

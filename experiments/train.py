@@ -7,6 +7,7 @@
   epoch's mini-batch losses, full_batch_loss, full_batch_acc, val_loss, val_acc, epoch_time_s);
 - ``summary.json``, once finished: test_loss, test_acc, train_time_s, steps_per_s, device,
   epochs, diverged (and diverged_epoch when it did);
+  with ``--diagnostics`` each line also has ``diagnostics``: `diagnose`'s numbers per layer;
 - ``checkpoints/``: orbax checkpoints of model, optimizer and metrics so far, after every epoch
   (the last ``keep_checkpoints`` are kept).
 
@@ -29,6 +30,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+import proxprop_jax as pp
+
 from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models
@@ -42,6 +45,11 @@ class RunDirError(Exception):
   """``--out`` holds something this run may not continue or overwrite."""
 
 
+def batch_loss(model, images, labels):
+  """The training loss: mean cross-entropy of the mini-batch."""
+  return models.cross_entropy(model(images), labels)
+
+
 def make_train_step(axis_name: str | None = None):
   """One optimizer step on a mini-batch; the same function for every mode and optimizer.
 
@@ -52,10 +60,7 @@ def make_train_step(axis_name: str | None = None):
   """
 
   def train_step(model, optimizer, images, labels):
-    def loss_fn(model):
-      return models.cross_entropy(model(images), labels)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    loss, grads = nnx.value_and_grad(batch_loss)(model, images, labels)
     if axis_name is not None:
       loss, grads = jax.lax.pmean((loss, grads), axis_name)
     optimizer.update(model, grads)
@@ -336,6 +341,17 @@ def evaluate_epoch(model, epoch: int, minibatch_loss: float, seconds: float, spl
               epoch_time_s=seconds)
 
 
+def diagnose(model, config, train_x, train_y, devices: Devices) -> dict:
+  """``pp.diagnostics`` of the training loss on the first mini-batch of the training set.
+
+  Every epoch sees the same examples, so changes over epochs come from the model alone. The
+  model is in training mode, as in the step (BatchNorm uses the batch's statistics) and is
+  left unchanged.
+  """
+  n = min(config.batch_size, len(train_y))
+  return pp.diagnostics(model, batch_loss, *devices.feed((train_x[:n], train_y[:n])))
+
+
 def is_finite(row: dict, model) -> bool:
   """Whether the epoch's losses and the model's parameters are all finite."""
   losses = (row["minibatch_avg_loss"], row["full_batch_loss"], row["val_loss"])
@@ -435,6 +451,8 @@ def run(config) -> dict:
       if not is_finite(row, model):
         return finish(model, config, metrics, len(batch_sizes), splits, devices, is_writer,
                       diverged_epoch=epoch)
+      if config.diagnostics:
+        row["diagnostics"] = diagnose(model, config, train_x, train_y, devices)
       metrics.append(row)
       save_and_log(manager, model, optimizer, config, metrics, steps, is_writer)
   return finish(model, config, metrics, len(batch_sizes), splits, devices, is_writer)

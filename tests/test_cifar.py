@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import proxprop_jax as pp
 from experiments import cifar, data, plot, train
 from tests import helpers
 
@@ -131,3 +132,39 @@ def test_converted_models_end_to_end_on_digits_and_mock_cifar10(tmp_path, model)
   with tfds.testing.mock_data(num_examples=16):
     cifar.main(flags + ["--out", out, "--data-dir", str(tmp_path), "--quiet"])
   helpers.check_run_files(out, flags)
+
+
+def test_diagnostics_flag_logs_every_prox_layer_per_epoch_and_plots_them(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  flags = ["--model", "mlp", "--mode", "prox_exact", "--tau-prox", "0.5", "--train-samples",
+           "200", "--batch-size", "100", "--epochs", "2", "--dataset", "digits"]
+  cifar.main(flags + ["--out", out, "--quiet", "--diagnostics"])
+  metrics = helpers.read_metrics(out)
+  layers = set(pp.conversion.prox_layers(train.load_model(out, (8, 8, 1))[0]))
+  assert len(layers) == 2  # the MLP's hidden layers; its head is plain
+  for m in metrics:
+    assert set(m["diagnostics"]) == layers
+    for numbers in m["diagnostics"].values():
+      assert numbers["relative_residual"] < 1e-4  # exact: solved to float32
+      assert 0 < numbers["cosine_to_gradient"] <= 1 + 1e-6
+      assert numbers["system"] in ("batch", "parameter") and numbers["fallback"] is False
+  # The logged numbers are those of the checkpointed model on the first mini-batch.
+  trained, _ = train.load_model(out, (8, 8, 1))
+  x, y = data.load("digits", seed=0)["train"]
+  again = pp.diagnostics(trained, train.batch_loss, jnp.asarray(x[:100]), jnp.asarray(y[:100]))
+  for path, numbers in again.items():
+    assert numbers["gradient_norm"] == pytest.approx(
+        metrics[-1]["diagnostics"][path]["gradient_norm"], rel=1e-5)
+  image = str(tmp_path / "diagnostics.png")
+  plot.main([out, "--out", str(tmp_path / "runs.png"), "--diagnostics", image])
+  assert f"wrote {image}" in capsys.readouterr().out
+  with open(image, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostics_needs_prox_layers_and_the_global_batch(tmp_path, capsys):
+  for flags, message in ((["--mode", "backprop"], "mode backprop has none"),
+                         (["--parallel", "pmap"], "use --parallel sharded")):
+    with pytest.raises(SystemExit) as exit_info:
+      cifar.main(flags + ["--diagnostics", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -118,3 +118,12 @@ def test_plot_cli_handles_a_run_interrupted_before_its_first_epoch(tmp_path, cap
   assert "| mlp prox_cg3 τ=1 adam lr=0.001 | 0 | – | – | – | – | – |" in captured.out
   assert "has no finished epoch yet" in captured.err
   assert os.path.getsize(image) > 1000
+
+
+def test_plot_cli_diagnostics_of_runs_without_them_is_an_error(paper_grid, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    plot.main([os.path.join(paper_grid, "mlp_prox_cg3"), "--out", str(tmp_path / "a.png"),
+               "--diagnostics", str(tmp_path / "d.png")])
+  assert exit_info.value.code == 2
+  assert "none of these runs logged diagnostics" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "a.png")
