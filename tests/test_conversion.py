@@ -233,6 +233,13 @@ def test_converted_conv_gives_the_numpy_direction(mode):
 @pytest.mark.parametrize("name", CONVERTIBLE)
 @pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
 def test_converted_layer_equals_its_counterpart_built_directly(name, mode):
+  # flax's norm layers promote their statistics to at least float32 implicitly, which the
+  # x64 fixture's strict promotion rejects
+  with jax.numpy_dtype_promotion("standard"):
+    _check_converted_equals_direct(name, mode)
+
+
+def _check_converted_equals_direct(name, mode):
   cls, args, kwargs, shape = EXAMPLES[name]
   kwargs = dict(kwargs, param_dtype=jnp.float64)
   model = nnx.Sequential(cls(*args, **kwargs, rngs=nnx.Rngs(0)))
