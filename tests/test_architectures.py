@@ -16,11 +16,16 @@ def test_grid_covers_every_model_method_and_seed():
       "backprop", "prox_exact τ=0.5", "prox_exact τ=2", "prox_cg3 τ=0.5", "prox_cg3 τ=2"}
 
 
+# Two of the three models (each run compiles its model): the grid, figure and table do not
+# depend on which; tests/test_cifar.py trains the resnet end to end.
+FLAGS = ["--models", "vit", "convnet", "--epochs", "1", "--seeds", "1", "--taus", "1",
+         "--train-samples", "200", "--batch-size", "100"]
+
+
 def test_one_epoch_one_seed_on_digits_writes_the_figure_and_table(tmp_path):
   out = str(tmp_path)
-  found = architectures.main(["--out", out, "--epochs", "1", "--seeds", "1", "--taus", "1",
-                              "--train-samples", "200", "--batch-size", "100"])
-  assert set(found) == {"resnet", "vit", "convnet"}
+  found = architectures.main(["--out", out] + FLAGS)
+  assert set(found) == {"vit", "convnet"}
   for ext in ("png", "pdf"):
     assert os.path.getsize(os.path.join(out, f"figures.{ext}")) > 10_000
   table = open(os.path.join(out, "results.md")).read()
@@ -34,6 +39,5 @@ def test_one_epoch_one_seed_on_digits_writes_the_figure_and_table(tmp_path):
       assert np.isfinite(run["metrics"][-1]["full_batch_loss"])
   # A second call trains nothing: every run is finished and kept.
   mtime = os.path.getmtime(os.path.join(out, "vit_backprop_seed0", "summary.json"))
-  architectures.main(["--out", out, "--epochs", "1", "--seeds", "1", "--taus", "1",
-                      "--train-samples", "200", "--batch-size", "100"])
+  architectures.main(["--out", out] + FLAGS)
   assert os.path.getmtime(os.path.join(out, "vit_backprop_seed0", "summary.json")) == mtime

@@ -141,11 +141,11 @@ def test_diagnostics_flag_logs_every_prox_layer_per_epoch_and_plots_them(tmp_pat
   cifar.main(flags + ["--out", out, "--quiet", "--diagnostics"])
   metrics = helpers.read_metrics(out)
   layers = set(pp.conversion.prox_layers(train.load_model(out, (8, 8, 1))[0]))
-  assert len(layers) == 2  # the MLP's hidden layers; its head is plain
+  assert len(layers) == 3  # the MLP's three hidden layers; its head is plain
   for m in metrics:
     assert set(m["diagnostics"]) == layers
     for numbers in m["diagnostics"].values():
-      assert numbers["relative_residual"] < 1e-4  # exact: solved to float32
+      assert numbers["relative_residual"] < 1e-3  # exact: float32 rounding only
       assert 0 < numbers["cosine_to_gradient"] <= 1 + 1e-6
       assert numbers["system"] in ("batch", "parameter") and numbers["fallback"] is False
   # The logged numbers are those of the checkpointed model on the first mini-batch.

@@ -10,6 +10,9 @@ from experiments import plot
 from experiments import plots
 from experiments import records
 
+# Under pytest -n, one process runs these tests: it builds the session's paper_grid once.
+pytestmark = pytest.mark.xdist_group("paper_grid")
+
 
 def fake_run(model, mode, accs, dataset="digits", label=None, summary=None):
   """A run dict as `plots.load_run` returns it, with validation accuracies ``accs``."""
