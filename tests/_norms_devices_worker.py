@@ -14,7 +14,8 @@ and ``jit`` on an Explicit mesh (no axis name; XLA reduces; ``norm_affine`` only
 import json
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

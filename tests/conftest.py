@@ -1,7 +1,15 @@
-"""Shared test set-up: float64 comparisons run under an ``x64`` fixture (lineax style)."""
+"""Shared test set-up: fast XLA compilation; float64 comparisons run under an ``x64`` fixture
+(lineax style)."""
 
-import jax
-import pytest
+import os
+
+from tests import helpers
+
+# Before JAX starts its backend (it reads XLA_FLAGS once); subprocesses inherit it.
+os.environ["XLA_FLAGS"] = helpers.xla_flags(os.environ.get("XLA_FLAGS", "")).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 import proxprop_jax as pp
 from proxprop_jax import layers
 from tests import reference
-from tests.helpers import product_precisions, rel_err
+from tests.helpers import product_precisions, rel_err, xla_flags
 
 ROOT = pathlib.Path(__file__).parents[1]
 LAM = 2.0  # tau_prox = 0.5
@@ -438,7 +438,7 @@ print(worst)
 def test_jit_on_an_explicit_mesh_and_shard_map_give_the_one_device_results(tmp_path):
   script = tmp_path / "explicit_mesh.py"
   script.write_text(EXPLICIT_MESH_SCRIPT)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   env.pop("JAX_ENABLE_X64", None)
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,

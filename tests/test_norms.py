@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import proxprop_jax as pp
-from tests import reference
+from tests import helpers, reference
 
 MODES = ["gradient", "prox_exact", "prox_cg1", "prox_cg3"]
 ROOT = pathlib.Path(__file__).parents[1]
@@ -275,7 +275,8 @@ def test_bad_input_raises():
 def test_shard_map_and_sharded_jit_give_the_global_direction():
   # 4 fake devices in a subprocess (tests/_norms_devices_worker.py), pp.embed included.
   # A device's own Aᵀg, or one averaged where autodiff already summed it, is off by O(1).
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
+             OPENBLAS_NUM_THREADS="1")
   env.pop("JAX_ENABLE_X64", None)
   out = subprocess.run([sys.executable, "-m", "tests._norms_devices_worker"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)

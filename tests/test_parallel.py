@@ -22,6 +22,7 @@ import pytest
 
 from proxprop_jax import parallel
 from tests import _parallel_worker as worker
+from tests import helpers
 
 # Under pytest -n, one process runs these tests: it starts the module's workers once.
 pytestmark = pytest.mark.xdist_group("parallel_workers")
@@ -43,7 +44,7 @@ TIMEOUT_S = 600
 
 
 def _env():
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   env.pop("JAX_ENABLE_X64", None)
   for name in parallel.DISTRIBUTED_ENV.values():
     env.pop(name, None)

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from tests import helpers
+
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
 
@@ -20,7 +22,7 @@ def test_several_devices_examples_run_as_printed_and_agree(tmp_path):
   flags = re.search(r"```bash\nexport XLA_FLAGS=(\S+)\n```", section).group(1)
   examples = re.findall(r"```python\n(.*?)```", section, re.S)
   assert len(examples) == 2 and all(e.count("\n") <= 20 for e in examples)
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(flags), JAX_PLATFORMS="cpu")
   losses = []
   for i, example in enumerate(examples):
     script = tmp_path / f"example{i}.py"

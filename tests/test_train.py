@@ -131,7 +131,8 @@ def test_several_devices_train_like_one_device(tmp_path):
   script = ("import sys\nfrom experiments import cifar\n"
             f"for kind in {kinds!r}:\n"
             f"  cifar.main({flags!r} + ['--parallel', kind, '--out', sys.argv[1] + '/' + kind])\n")
-  env = helpers.subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = helpers.subprocess_env(
+      XLA_FLAGS=helpers.xla_flags("--xla_force_host_platform_device_count=2"))
   proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=helpers.REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
