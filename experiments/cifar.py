@@ -1,4 +1,4 @@
-r"""Trains one of the paper's models on CIFAR-10 (or, offline, sklearn's digits).
+r"""Trains one model (the paper's MLP or ConvNet, a ResNet or a ViT) on CIFAR-10 (or digits).
 
 Defaults are the reference's (ConvNet, ProxProp cg1, Adam 1e-3, tau 1, batch 500, 50 epochs)::
 

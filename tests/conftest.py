@@ -2,6 +2,7 @@
 (lineax style)."""
 
 import os
+import time
 
 from tests import helpers
 
@@ -22,10 +23,31 @@ def x64():
 @pytest.fixture(scope="session")
 def paper_grid(tmp_path_factory):
   """The paper's whole grid on 200 digits, 2 epochs: the run folder (shared by the tests of
-  ``experiments.paper`` and ``experiments.plot``, which leave its runs as they are)."""
+  ``experiments.paper`` and ``experiments.plot``, which leave its runs as they are).
+
+  Under ``pytest -n`` the test processes share one grid: the first to create the folder
+  trains it, the others wait for its ``done`` file.
+  """
   from experiments import paper  # pylint: disable=import-outside-toplevel
 
-  out = str(tmp_path_factory.mktemp("paper"))
-  paper.main(["--out", out, "--dataset", "digits", "--epochs", "2", "--train-samples", "200",
-              "--batch-size", "100", "--quiet"])
-  return out
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # common to all workers of this session
+  out, done, failed = (shared / f"paper_grid{end}" for end in ("", ".done", ".failed"))
+  try:
+    out.mkdir()
+  except FileExistsError:  # another process trains it
+    deadline = time.monotonic() + 900
+    while not done.exists():
+      if failed.exists() or time.monotonic() > deadline:
+        pytest.fail(f"the process training the paper grid in {out} failed or timed out")
+      time.sleep(1)
+    return str(out)
+  try:
+    paper.main(["--out", str(out), "--dataset", "digits", "--epochs", "2", "--train-samples",
+                "200", "--batch-size", "100", "--quiet"])
+  except BaseException:
+    failed.touch()
+    raise
+  done.touch()
+  return str(out)

@@ -13,8 +13,6 @@ from experiments import paper
 from experiments import plots
 from tests import helpers
 
-# Under pytest -n, one process runs these tests: it builds the session's paper_grid once.
-pytestmark = pytest.mark.xdist_group("paper_grid")
 
 GRID_FLAGS = ["--dataset", "digits", "--train-samples", "200", "--batch-size", "100", "--quiet"]
 

@@ -24,8 +24,6 @@ from proxprop_jax import parallel
 from tests import _parallel_worker as worker
 from tests import helpers
 
-# Under pytest -n, one process runs these tests: it starts the module's workers once.
-pytestmark = pytest.mark.xdist_group("parallel_workers")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARAMS_RTOL = 1e-5  # the bound, on the parameters after the step

@@ -10,8 +10,6 @@ from experiments import plot
 from experiments import plots
 from experiments import records
 
-# Under pytest -n, one process runs these tests: it builds the session's paper_grid once.
-pytestmark = pytest.mark.xdist_group("paper_grid")
 
 
 def fake_run(model, mode, accs, dataset="digits", label=None, summary=None):
