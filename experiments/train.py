@@ -203,6 +203,10 @@ def build(config, input_shape, axis_name: str | None = None):
   model = models.build(config.model, mode=config.mode, input_shape=input_shape,
                        tau_prox=config.tau_prox, axis_name=axis_name, seed=config.seed,
                        plain_head=config.plain_head)
+  # Training mode with its flags set explicitly (e.g. attention's `deterministic`, None until
+  # now): `evaluate` toggles eval()/train() after each epoch, and would otherwise leave a model
+  # whose graph differs from the compiled step's, recompiling it inside epoch 2.
+  model.train()
   tx = optimizers.make(config.optimizer, config.lr, momentum=config.momentum,
                        weight_decay=config.weight_decay)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)

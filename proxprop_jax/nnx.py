@@ -284,14 +284,22 @@ _NORM_DOC = """
 """
 
 
+def _per_example_norm_init(flax_class):
+  """The ``__init__`` of a ProxProp ``flax_class`` whose statistics are per example."""
+
+  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
+               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+    _init_norm(self, flax_class, (num_features,), kwargs,
+               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+
+  return __init__
+
+
 class LayerNorm(ProxLayer, nnx.LayerNorm):
   __doc__ = "``nnx.LayerNorm`` with a ProxProp direction for its scale and bias.\n" + (
       _NORM_DOC.format(stats="None (the statistics are per example)"))
 
-  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    _init_norm(self, nnx.LayerNorm, (num_features,), kwargs,
-               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+  __init__ = _per_example_norm_init(nnx.LayerNorm)
 
   def __call__(self, x, *, mask=None):
     x, scale, bias = self.promote_dtype((x, *_scale_and_bias(self)), dtype=self.dtype)
@@ -303,10 +311,7 @@ class RMSNorm(ProxLayer, nnx.RMSNorm):
   __doc__ = "``nnx.RMSNorm`` with a ProxProp direction for its scale (no bias).\n" + (
       _NORM_DOC.format(stats="None (the statistics are per example)"))
 
-  def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    _init_norm(self, nnx.RMSNorm, (num_features,), kwargs,
-               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+  __init__ = _per_example_norm_init(nnx.RMSNorm)
 
   def __call__(self, x, mask=None):
     scale = None if self.scale is None else self.scale[...]

@@ -17,11 +17,9 @@ over devices. ``τ`` may be a traced value (a live, scheduled step size).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import threading
 from typing import Any, Callable
 
 import jax
@@ -30,6 +28,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from proxprop_jax import contraction, direction, geometry, layers, planner, solvers, spmd
+from proxprop_jax._recorder import Recorder
 from proxprop_jax.modes import Mode, check_tau, parse_mode
 
 #: `proximal` materialises the Gram for ``prox_exact`` up to this many parameters.
@@ -548,26 +547,18 @@ class Call:
   lam: Any
 
 
-_OBSERVERS = threading.local()
+_OBSERVER = Recorder()
 
 
-@contextlib.contextmanager
 def observing():
   """Collects the `Call` of every ProxProp op applied inside (``pp.diagnostics`` forms each
   layer's system from it). Its arrays belong to the trace the op ran in."""
-  stack = _OBSERVERS.__dict__.setdefault("stack", [])
-  calls = []
-  stack.append(calls)
-  try:
-    yield calls
-  finally:
-    stack.remove(calls)
+  return _OBSERVER.collecting()
 
 
 def observe(kind, cfg: Config, x, kernel, bias, lam) -> None:
   """Adds one call to every active `observing` (every op with a layer kind calls it)."""
-  for calls in getattr(_OBSERVERS, "stack", ()):
-    calls.append(Call(kind, cfg, x, kernel, bias, lam))
+  _OBSERVER.add(Call(kind, cfg, x, kernel, bias, lam))
 
 
 __all__ = ["Call", "Config", "MAX_EXACT_PARAMS", "SOLVE_PRECISION", "apply", "config", "conv",

@@ -27,13 +27,12 @@ backward rule only executes it; passing a `Plan` to ``pp.dense``/``pp.conv``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 
 import jax
 
+from proxprop_jax._recorder import Recorder
 from proxprop_jax.layers import Problem
 from proxprop_jax.modes import Mode
 
@@ -138,10 +137,9 @@ def plan(problem: Problem, mode: Mode, backend: str | None = None) -> Plan:
   return Plan(system, solver, multiply_a_first=reordered)
 
 
-_RECORDERS = threading.local()
+_RECORDER = Recorder()
 
 
-@contextlib.contextmanager
 def recording():
   """Collects the ``(Problem, Plan)`` of every ProxProp layer call traced inside.
 
@@ -149,19 +147,12 @@ def recording():
   block records (a cached ``jit`` does not retrace): e.g.
   ``with pp.planner.recording() as plans: jax.make_jaxpr(step)(...)``.
   """
-  stack = _RECORDERS.__dict__.setdefault("stack", [])
-  records = []
-  stack.append(records)
-  try:
-    yield records
-  finally:
-    stack.remove(records)
+  return _RECORDER.collecting()
 
 
 def record(problem: Problem, chosen: Plan) -> None:
   """Adds one layer call's plan to every active `recording`."""
-  for records in getattr(_RECORDERS, "stack", ()):
-    records.append((problem, chosen))
+  _RECORDER.add((problem, chosen))
 
 
 def describe(problem: Problem, mode: Mode, backend: str | None = None) -> str:

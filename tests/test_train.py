@@ -11,8 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import cifar, data, train
+from experiments import config as config_lib
 from tests import helpers
 
 RESUME_FLAGS = helpers.DIGITS_FLAGS + ["--mode", "prox_cg3"]
@@ -147,3 +149,14 @@ def test_several_devices_train_like_one_device(tmp_path):
       for key in helpers.METRIC_FIELDS - {"epoch_time_s"}:
         assert m[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (kind, key)
     assert summary["test_acc"] == pytest.approx(expected_summary["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+def test_evaluation_leaves_the_training_graph_as_the_step_was_compiled(model):
+  # Otherwise the step recompiles inside the next epoch (the ViT's attention flag did).
+  config = config_lib.RunConfig(model=model, mode="prox_cg3", dataset="digits")
+  trained, _ = train.build(config, (8, 8, 1))
+  before = nnx.graphdef(trained)
+  x, y = data.load("digits", seed=0)["val"]
+  train.evaluate(trained, x[:20], y[:20], train.Devices("none"))
+  assert nnx.graphdef(trained) == before
