@@ -69,6 +69,8 @@ def diagonal(evals, grad, lam, steps: int | None):
   if steps is None:
     return grad / (evals + lam)[:, None]
   return solvers.eig_cg(evals, grad, lam, steps)
+
+
 def row_gram_of(a, use_bias: bool, precision=None):
   """The row Gram ``AAᵀ = aaᵀ + 1`` (B, rows, rows) of ``A = [a, 1]`` (the batch system)."""
   return matmul(a, transpose(a), precision) + (1 if use_bias else 0)
