@@ -42,9 +42,9 @@ def layers(batch_size: int) -> dict:
 
 def direction(op, x, kernel, g, mode, tau, solve_precision):
   """The layer's direction for the output cotangent ``g``."""
-  def loss(kernel):
+  def loss(kernel, x, g):  # the data are arguments: closed over, XLA would constant-fold AᵀA
     return jnp.sum(op(x, kernel, mode=mode, tau_prox=tau, solve_precision=solve_precision) * g)
-  return jax.jit(jax.grad(loss))(kernel)
+  return jax.jit(jax.grad(loss))(kernel, x, g)
 
 
 def measure(batch_size: int, taus) -> list[dict]:
