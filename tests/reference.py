@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references for the SPEC's equations (no proxprop_jax code)."""
+"""Independent float64 NumPy references for the maths of docs/math.md (no proxprop_jax code)."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""Data parallelism (issue 3): every style gives the parameters of one device on the global batch.
+"""Data parallelism: every style gives the parameters of one device on the global batch.
 
 The multi-device runs happen in subprocesses with 8 fake CPU devices (the device count is
 fixed when JAX starts): `_parallel_worker.py` steps the paper's MLP and ConvNet (small) once
@@ -26,7 +26,7 @@ from tests import helpers
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARAMS_RTOL = 1e-5  # the issue's bound, on the parameters after the step
+PARAMS_RTOL = 1e-5  # the bound we promise, on the parameters after the step
 LOSS_RTOL = 1e-5
 # Each layer's update θ⁺ − θ is a stricter measure (it is small against θ). In float32 the
 # ConvNet's exact solve (λ = 1 against Gram eigenvalues up to ~10³) already puts the
