@@ -41,21 +41,24 @@ def main(argv=None) -> None:
   for run in runs:  # two runs with the same settings: tell them apart by their folders
     if all_labels.count(run["label"]) > 1:
       run["label"] += f" ({os.path.basename(os.path.normpath(run['dir']))})"
-  if args.diagnostics is not None and not any(plots.has_diagnostics(r) for r in runs):
-    parser.error("--diagnostics: none of these runs logged diagnostics (train them with "
-                 "--diagnostics)")
+  title = plots.describe_runs(runs) if args.title is None else args.title
+  diagnostics = None
+  if args.diagnostics is not None:  # refused before anything is written
+    try:
+      diagnostics = plots.diagnostics_figure(runs, title)
+    except ValueError as e:
+      parser.error(f"--diagnostics: {e}")
   for warning in plots.mixed_settings(runs):
     print(f"warning: {warning}", file=sys.stderr)
   for run in runs:
     if not run["metrics"]:
       print(f"warning: {run['dir']} has no finished epoch yet: nothing to draw for it",
             file=sys.stderr)
-  title = plots.describe_runs(runs) if args.title is None else args.title
   plots.runs_figure(runs, title).savefig(args.out, dpi=120)
   print(plots.results_table(runs), end="")
   print(f"wrote {args.out}")
-  if args.diagnostics is not None:
-    plots.diagnostics_figure(runs, title).savefig(args.diagnostics, dpi=120)
+  if diagnostics is not None:
+    diagnostics.savefig(args.diagnostics, dpi=120)
     print(f"wrote {args.diagnostics}")
 
 

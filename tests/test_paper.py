@@ -13,7 +13,6 @@ from experiments import paper
 from experiments import plots
 from tests import helpers
 
-
 GRID_FLAGS = ["--dataset", "digits", "--train-samples", "200", "--batch-size", "100", "--quiet"]
 
 

@@ -11,7 +11,6 @@ from experiments import plots
 from experiments import records
 
 
-
 def fake_run(model, mode, accs, dataset="digits", label=None, summary=None):
   """A run dict as `plots.load_run` returns it, with validation accuracies ``accs``."""
   config = dict(model=model, mode=mode, dataset=dataset, batch_size=500, tau_prox=0.05,
