@@ -7,8 +7,8 @@ command that continues it, and no traceback.
 
 from __future__ import annotations
 
+import os
 import shlex
-import signal
 import sys
 from typing import Callable
 
@@ -48,13 +48,17 @@ def run(body: Callable[[], object], interrupted: Callable[[], str]):
 def main(entry: Callable[[], object]) -> None:
   """Runs a command's ``main`` as the program (its ``__main__`` block).
 
-  A second Ctrl-C while an interrupted program exits (JAX and orbax shut down) is ignored, so
-  it ends with the one line `run` printed, never a traceback. In-process callers of ``main``
-  (tests, notebooks) keep their own Ctrl-C handling.
+  An interrupted program leaves at once with status 130 (`os._exit`), after `run` printed its
+  line: by then every file is closed (metrics lines and checkpoints are written whole, the
+  checkpoint manager is closed), while the interpreter's normal shutdown, reached mid-compile,
+  crashed (SIGSEGV) or hung in XLA's teardown. In-process callers of ``main`` (tests,
+  notebooks) get the `SystemExit` of `run` instead and keep their own Ctrl-C handling.
   """
   try:
     entry()
   except SystemExit as e:
     if e.code == EXIT_INTERRUPTED:
-      signal.signal(signal.SIGINT, signal.SIG_IGN)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(EXIT_INTERRUPTED)
     raise
