@@ -38,11 +38,26 @@ def run(body: Callable[[], object], interrupted: Callable[[], str]):
   """
   try:
     return body()
-  except KeyboardInterrupt:
-    print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_INTERRUPTED) from None
   except (data_lib.DataNotPreparedError, train.RunDirError) as e:
     raise SystemExit(f"error: {e}") from None
+  except BaseException as e:
+    if not _caused_by_ctrl_c(e):
+      raise
+    print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def _caused_by_ctrl_c(error: BaseException) -> bool:
+  """Whether ``error`` is a Ctrl-C: a `KeyboardInterrupt`, or one that JAX's C++ code turned
+  into another exception (raised inside a Python callback of a jitted call, e.g. flax's
+  ``__eq__`` on the pytree metadata, it comes back as a ``ValueError`` caused by it)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, KeyboardInterrupt):
+      return True
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def main(entry: Callable[[], object]) -> None:

@@ -23,8 +23,20 @@ def test_run_returns_the_result_of_its_body():
   assert cli.run(lambda: {"test_acc": 0.5}, lambda: "unused") == {"test_acc": 0.5}
 
 
-def test_keyboard_interrupt_becomes_exit_130_and_one_line(capsys):
+def _wrapped_by_jax():
+  # What a jitted call does with a KeyboardInterrupt raised in a Python callback (e.g. the
+  # pytree metadata's __eq__): a ValueError whose cause is the interrupt.
+  try:
+    raise KeyboardInterrupt
+  except KeyboardInterrupt as interrupt:
+    raise ValueError("Exception raised while checking equality of metadata fields") from interrupt
+
+
+@pytest.mark.parametrize("raised", ["plain", "wrapped"])
+def test_keyboard_interrupt_becomes_exit_130_and_one_line(capsys, raised):
   def body():
+    if raised == "wrapped":
+      _wrapped_by_jax()
     raise KeyboardInterrupt
 
   with pytest.raises(SystemExit) as exit_info:
@@ -51,3 +63,10 @@ def test_other_errors_are_not_hidden():
 
   with pytest.raises(ZeroDivisionError):
     cli.run(body, lambda: "unused")
+
+  def exits():
+    raise SystemExit(cli.EXIT_DIVERGED)
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(exits, lambda: "unused")
+  assert exit_info.value.code == cli.EXIT_DIVERGED
