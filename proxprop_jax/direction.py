@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from proxprop_jax import solvers
 from proxprop_jax.planner import Plan
-from proxprop_jax.solvers import matmul, transpose
+from proxprop_jax.solvers import matmul, matmul_t, t_matmul
 
 
 def parameter_space(plan: Plan, gram, grad, lam, steps: int | None, precision=None):
@@ -23,7 +23,7 @@ def parameter_space(plan: Plan, gram, grad, lam, steps: int | None, precision=No
   if plan.solver == "cg":
     return solvers.gram_cg(gram, grad, lam, steps, precision)
   evals, evecs, keep = solvers.eigh_psd(gram)
-  coeffs = matmul(transpose(evecs), grad, precision) * keep[..., None]
+  coeffs = t_matmul(evecs, grad, precision) * keep[..., None]
   return matmul(evecs, solvers.eig_cg(evals, coeffs, lam, steps), precision)
 
 
@@ -45,7 +45,7 @@ def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precis
       return matmul(a_transpose(m), rhs, precision)
     if rhs is not None:
       m = matmul(m, rhs, precision)
-    parts = [matmul(transpose(a), m, precision)]
+    parts = [t_matmul(a, m, precision)]
     if use_bias:
       parts.append(jnp.sum(m, axis=-2, keepdims=True))
     return jnp.concatenate(parts, axis=-2)
@@ -58,7 +58,7 @@ def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precis
   if plan.solver == "cg":
     return a_transpose(solvers.row_gram_cg(row_gram, g, lam, steps, precision))
   evals, evecs, keep = solvers.eigh_psd(row_gram)
-  coeffs = matmul(transpose(evecs), g, precision) * keep[..., None]
+  coeffs = t_matmul(evecs, g, precision) * keep[..., None]
   return a_transpose(evecs, solvers.eig_cg(evals, coeffs, lam, steps, weights=evals))
 
 
@@ -73,4 +73,4 @@ def diagonal(evals, grad, lam, steps: int | None):
 
 def row_gram_of(a, use_bias: bool, precision=None):
   """The row Gram ``AAᵀ = aaᵀ + 1`` (B, rows, rows) of ``A = [a, 1]`` (the batch system)."""
-  return matmul(a, transpose(a), precision) + (1 if use_bias else 0)
+  return matmul_t(a, a, precision) + (1 if use_bias else 0)

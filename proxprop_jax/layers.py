@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from proxprop_jax import conv_gram, geometry
+from proxprop_jax import conv_gram, geometry, solvers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +312,7 @@ class DenseGeneral:
 
   def gram(self, x, precision=None):
     a = self.matrix(x)
-    ata = jnp.matmul(jnp.swapaxes(a, 1, 2), a, precision=precision)
+    ata = solvers.t_matmul(a, a, precision)
     if self.use_bias:
       col = jnp.sum(a, axis=1)
       corner = jnp.full((a.shape[0], 1, 1), a.shape[1], a.dtype)

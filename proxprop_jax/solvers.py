@@ -43,9 +43,25 @@ def matmul(a, b, precision=None):
   return jnp.matmul(a, b, precision=precision)
 
 
-def transpose(m):
-  """The transpose of the last two axes."""
-  return jnp.swapaxes(m, -1, -2)
+def t_matmul(a, b, precision=None):
+  """``aᵀ b`` (with the same leading block dims), contracting axis -2 of both.
+
+  Never forms ``aᵀ``: XLA CPU copies a batched ``swapaxes`` before the product (measured
+  87 vs 80 ms for the paper MLP's 3072 × 500 × 4000 ``Aᵀ(…)``).
+  """
+  return _contract(a, b, a.ndim - 2, b.ndim - 2, precision)
+
+
+def matmul_t(a, b, precision=None):
+  """``a bᵀ`` (with the same leading block dims), contracting the last axis of both."""
+  return _contract(a, b, a.ndim - 1, b.ndim - 1, precision)
+
+
+def _contract(a, b, a_axis: int, b_axis: int, precision):
+  dtype = jnp.result_type(a, b)
+  batch = tuple(range(a.ndim - 2))
+  dims = (((a_axis,), (b_axis,)), (batch, batch))
+  return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision)
 
 
 def _column_dot(u, v):
@@ -120,7 +136,7 @@ def spd_solve(matrix, rhs, lam, precision=None):
     return lax.linalg.triangular_solve(chol, y, left_side=True, lower=True, transpose_a=True)
 
   def with_eigh(scale, evecs):
-    return matmul(evecs, matmul(transpose(evecs), rhs, precision) * scale[..., None], precision)
+    return matmul(evecs, t_matmul(evecs, rhs, precision) * scale[..., None], precision)
 
   return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
 
@@ -137,10 +153,10 @@ def spd_inverse(matrix, lam, precision=None):
   def with_factor(chol):
     eye = jnp.broadcast_to(_eye_like(matrix), matrix.shape)
     inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-    return matmul(transpose(inv_l), inv_l, precision)
+    return t_matmul(inv_l, inv_l, precision)
 
   def with_eigh(scale, evecs):
-    return matmul(evecs * scale[..., None, :], transpose(evecs), precision)
+    return matmul_t(evecs * scale[..., None, :], evecs, precision)
 
   return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
 
