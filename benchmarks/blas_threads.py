@@ -131,7 +131,7 @@ def main(argv=None) -> int:
       results[name].append(_run_child(value, args))
 
   threads = {name: runs[0]["threads"] for name, runs in results.items()}
-  print(f"SciPy's OpenBLAS threads (before → after): "
+  print("SciPy's OpenBLAS threads (before → after): "
         + "; ".join(f"OPENBLAS_NUM_THREADS {n}: {t['before']} → {t['after']}"
                     for n, t in threads.items()))
   print(f"{args.processes} processes per setting, alternating; {args.repeats} interleaved "

@@ -80,19 +80,25 @@ class Compiled:
 def compile_step(model: str, mode: str, x, y, *, hidden=None, seed: int = 0) -> Compiled:
   """Builds the model and compiles one training step ``state, x, y → state, loss``."""
   net, opt = build(model, mode, hidden=hidden, seed=seed)
+  return compile_train_step(mode, net, opt, x, y)
+
+
+def compile_train_step(name: str, net, opt, x, y, loss=models.cross_entropy) -> Compiled:
+  """Compiles one training step of ``net`` with ``opt``: ``state, x, y → state, loss``
+  (``loss(logits, labels)``), the state donated and the batch an argument."""
   graphdef, state = nnx.split((net, opt))
 
   def train_step(state, x, y):
     net, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lambda m: models.cross_entropy(m(x), y))(net)
+    value, grads = nnx.value_and_grad(lambda m: loss(m(x), y))(net)
     opt.update(net, grads)
-    return nnx.state((net, opt)), loss
+    return nnx.state((net, opt)), value
 
   start = time.perf_counter()
   compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
   compile_s = time.perf_counter() - start
   memory, detail = memory_of(compiled)
-  return Compiled(mode, compiled, state, compile_s, memory, detail)
+  return Compiled(name, compiled, state, compile_s, memory, detail)
 
 
 def memory_of(compiled):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -55,18 +54,8 @@ class ConvNet(nnx.Module):
 
 def compile_step(name: str, mode: str, pool, x, y) -> common.Compiled:
   net = ConvNet(mode, pool, nnx.Rngs(0))
-  opt = nnx.Optimizer(net, optax.adam(1e-3), wrt=nnx.Param)
-  graphdef, state = nnx.split((net, opt))
-
-  def train_step(state, x, y):
-    net, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lambda m: common.cross_entropy(m(x), y))(net)
-    opt.update(net, grads)
-    return nnx.state((net, opt)), loss
-
-  start = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
-  return common.Compiled(name, compiled, state, time.perf_counter() - start, None, {})
+  return common.compile_train_step(name, net, nnx.Optimizer(net, optax.adam(1e-3), wrt=nnx.Param),
+                                   x, y)
 
 
 def pool_only(pool, batch_size: int):

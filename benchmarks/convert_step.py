@@ -17,10 +17,8 @@ this process (`common.time_interleaved`), median of ``repeats`` rounds.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -62,20 +60,8 @@ def compile_step(mode: str, args, x, y) -> tuple[common.Compiled, pp.Report | No
   report = None if mode == "backprop" else pp.convert(model, mode=mode, tau_prox=1.0,
                                                       exclude=("head",))
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-
-  def train_step(state, x, y):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(
-        lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
-
-  start = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
-  compile_s = time.perf_counter() - start
-  memory, detail = common.memory_of(compiled)
-  return common.Compiled(mode, compiled, state, compile_s, memory, detail), report
+  loss = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return common.compile_train_step(mode, model, optimizer, x, y, loss), report
 
 
 def main(argv=None):

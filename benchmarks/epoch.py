@@ -77,13 +77,13 @@ def main(argv=None) -> int:
     print(f"| {r['model']} | {r['mode']} | {r['epoch_s']:.2f} | {r['step_ms']:.2f} "
           f"| {r['compile_s']:.1f} |")
   times = {(r["model"], r["mode"]): r["epoch_s"] for r in rows}
+  common.write_json(args.json, env, args, rows)
   scale = 45000 / (steps * args.batch_size)
   grid = [(run.model, run.mode) for run in config_lib.PAPER_GRID]
   if all(k in times for k in grid):
     total = sum(times[k] for k in grid) * PAPER_EPOCHS * scale
     print(f"\nthe paper's grid ({len(grid)} runs x {PAPER_EPOCHS} epochs of 45 000 "
           f"samples, training steps only): {total / 60:.1f} min on this device")
-  common.write_json(args.json, env, args, rows)
   return 0
 
 

@@ -221,9 +221,9 @@ class Embed(ProxLayer, nnx.Embed):
     super().__init__(num_embeddings, features, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
-    _check_out_sharding("pp.Embed", out_sharding)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError("Input type must be an integer or unsigned integer.")
+    _check_out_sharding("pp.Embed", out_sharding)
     (embedding,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
     return ops.embed(inputs, embedding, **prox_kwargs(self))
 

@@ -38,20 +38,18 @@ def test_dense(mode, use_bias):
          functools.partial(pp.dense, mode=mode, tau_prox=0.5))
 
 
-@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg3"])
-def test_conv(mode):
-  x = jax.random.normal(jax.random.key(1), (2, 7, 7, 3))
-  _check(pp.linen.Conv(4, (3, 3), strides=2, mode=mode, tau_prox=0.5),
-         nn.Conv(4, (3, 3), strides=2), x,
-         functools.partial(pp.conv, strides=2, mode=mode, tau_prox=0.5))
-
-
-@pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
-def test_grouped_conv(mode):
-  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
-  _check(pp.linen.Conv(6, (3, 3), feature_group_count=2, mode=mode, tau_prox=0.5),
-         nn.Conv(6, (3, 3), feature_group_count=2), x,
-         functools.partial(pp.conv, feature_group_count=2, mode=mode, tau_prox=0.5))
+@pytest.mark.parametrize("x_shape, conv, mode", [
+    ((2, 7, 7, 3), dict(strides=2), "prox_exact"),
+    ((2, 7, 7, 3), dict(strides=2), "prox_cg3"),
+    ((2, 6, 6, 4), dict(feature_group_count=2), "prox_exact"),  # grouped
+    ((2, 6, 6, 4), dict(feature_group_count=2), "prox_cg2"),
+])
+def test_conv(x_shape, conv, mode):
+  x = jax.random.normal(jax.random.key(1), x_shape)
+  features = 6 if "feature_group_count" in conv else 4
+  _check(pp.linen.Conv(features, (3, 3), mode=mode, tau_prox=0.5, **conv),
+         nn.Conv(features, (3, 3), **conv), x,
+         functools.partial(pp.conv, mode=mode, tau_prox=0.5, **conv))
 
 
 def test_bad_configuration_raises_at_construction():
