@@ -144,21 +144,29 @@ class Devices:
     return f"{jax.device_count()} x {d.device_kind} ({d.platform}), parallel={self.kind}"
 
 
-def evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
-  """Full-batch mean loss and accuracy, in fixed-size padded chunks (one compiled shape).
+def evaluate(model, images, labels, devices: Devices, chunk: int | None = None
+             ) -> tuple[float, float]:
+  """Full-batch mean loss and accuracy, in padded chunks of one size (one compiled shape).
 
   The model is evaluated in eval mode (BatchNorm's running averages, not updated) and left in
-  train mode.
+  train mode. ``chunk``: examples per call (rounded up to a multiple of the device count);
+  None: ``min(EVAL_BATCH, len(labels))``.
   """
   model.eval()
   try:
-    return _evaluate(model, images, labels, devices)
+    return _evaluate(model, images, labels, devices, chunk or min(EVAL_BATCH, len(labels)))
   finally:
     model.train()
 
 
-def _evaluate(model, images, labels, devices: Devices) -> tuple[float, float]:
-  size = -(-EVAL_BATCH // devices.count) * devices.count
+def eval_chunk(splits) -> int:
+  """The chunk size for every split of a run: one compiled shape, no more padding than the
+  largest split needs (digits' 250 examples are not padded to `EVAL_BATCH`)."""
+  return min(EVAL_BATCH, max(len(labels) for _, labels in splits.values()))
+
+
+def _evaluate(model, images, labels, devices: Devices, chunk: int) -> tuple[float, float]:
+  size = -(-chunk // devices.count) * devices.count
   loss_sum = correct = 0.0
   for start in range(0, len(labels), size):
     x, y = images[start:start + size], labels[start:start + size]
@@ -338,8 +346,9 @@ def train_epoch(step, model, optimizer, config, epoch: int, train_x, train_y,
 def evaluate_epoch(model, epoch: int, minibatch_loss: float, seconds: float, splits,
                    devices: Devices) -> dict:
   """The epoch's metrics line: full-batch training and validation loss and accuracy."""
-  train_loss, train_acc = evaluate(model, *splits["train"], devices)
-  val_loss, val_acc = evaluate(model, *splits["val"], devices)
+  chunk = eval_chunk(splits)
+  train_loss, train_acc = evaluate(model, *splits["train"], devices, chunk)
+  val_loss, val_acc = evaluate(model, *splits["val"], devices, chunk)
   return dict(epoch=epoch, minibatch_avg_loss=minibatch_loss, full_batch_loss=train_loss,
               full_batch_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
               epoch_time_s=seconds)
@@ -389,7 +398,8 @@ def finish(model, config, metrics: list[dict], steps_per_epoch: int, splits, dev
                  device=devices.describe(), epochs=len(metrics),
                  diverged=diverged_epoch is not None)
   if diverged_epoch is None:
-    summary["test_loss"], summary["test_acc"] = evaluate(model, *splits["test"], devices)
+    summary["test_loss"], summary["test_acc"] = evaluate(model, *splits["test"], devices,
+                                                         eval_chunk(splits))
   else:
     summary["diverged_epoch"] = diverged_epoch
   if is_writer:
