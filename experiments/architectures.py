@@ -110,45 +110,6 @@ def load_finished(out: str, runs: list[ArchRun]) -> dict:
   return found
 
 
-def _curves(seed_runs, key: str):
-  """Per-epoch mean, min and max over seeds (up to the shortest run), and mean elapsed time."""
-  n = min(len(r["metrics"]) for r in seed_runs)
-  values = np.array([[m[key] for m in r["metrics"][:n]] for r in seed_runs], float)
-  seconds = np.array([np.cumsum([m["epoch_time_s"] for m in r["metrics"][:n]])
-                      for r in seed_runs]).mean(0)
-  return np.arange(1, n + 1), seconds, values.mean(0), values.min(0), values.max(0)
-
-
-def figure(found: dict, title: str):
-  """One row per model: training loss and validation error vs epochs and vs time."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  methods = sorted({m for by_method in found.values() for m in by_method},
-                   key=lambda m: (m != "backprop", m))
-  colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-  fig, axes = plt.subplots(len(found), 4, figsize=(20, 4 * len(found)), squeeze=False)
-  for row, (model, by_method) in zip(axes, found.items()):
-    for ax, (key, label, versus) in zip(row, [
-        ("full_batch_loss", "training loss", "epochs"), ("full_batch_loss", "training loss", "time"),
-        ("val_acc", "validation error", "epochs"), ("val_acc", "validation error", "time")]):
-      for method, seed_runs in by_method.items():
-        epochs, seconds, mean, low, high = _curves(seed_runs, key)
-        if key == "val_acc":  # error = 1 - accuracy: the bounds swap
-          mean, low, high = 1 - mean, 1 - high, 1 - low
-        x = epochs if versus == "epochs" else seconds
-        ax.plot(x, mean, color=colour[method], label=f"{method} ({len(seed_runs)} seeds)")
-        ax.fill_between(x, low, high, color=colour[method], alpha=0.2)
-      ax.set_yscale("log")
-      ax.set_xlabel("epoch" if versus == "epochs" else "training time (s)")
-      ax.set_title(f"{model}: {label} vs {versus}")
-    row[0].legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  return fig
-
-
 def _mean_std(values) -> str:
   values = np.asarray(values, float)
   return f"{values.mean():.4f} ± {values.std():.4f}"
@@ -195,7 +156,7 @@ def main(argv=None) -> dict:
     return found
   every = [r for by_method in found.values() for seed_runs in by_method.values()
            for r in seed_runs]
-  fig = figure(found, f"BackProp vs ProxProp, Adam: {plots.describe_runs(every)}")
+  fig = plots.seeds_figure(found, f"BackProp vs ProxProp, Adam: {plots.describe_runs(every)}")
   for ext in ("png", "pdf"):
     fig.savefig(os.path.join(args.out, f"figures.{ext}"), dpi=110)
   records.write_text(os.path.join(args.out, "results.md"), results_table(found))

@@ -27,7 +27,7 @@ class Metric(NamedTuple):
 LOSS = Metric("full_batch_loss", "full-batch training loss", "training loss")
 VAL_ERROR = Metric("val_acc", "validation error (1 - accuracy)", "validation error")
 PANELS = [(LOSS, "epochs"), (LOSS, "time"), (VAL_ERROR, "epochs"), (VAL_ERROR, "time")]
-MODEL_TITLES = {"mlp": "MLP", "convnet": "ConvNet"}
+MODEL_TITLES = {"mlp": "MLP", "convnet": "ConvNet", "resnet": "ResNet", "vit": "ViT"}
 # Methods in the order legends and colours follow; other modes come after, sorted.
 METHOD_ORDER = ("backprop", "gradient", "prox_exact", "prox_cg1", "prox_cg3", "prox_cg5",
                 "prox_cg10")
@@ -82,23 +82,33 @@ def colours(keys) -> dict:
   return {k: palette[i % len(palette)] for i, k in enumerate(ordered)}
 
 
-def _series(run, metric: Metric, versus: str):
-  metrics = run["metrics"]
-  if versus == "epochs":
-    x = [m["epoch"] for m in metrics]
-  else:  # training time only, as the paper plots it
-    x = np.cumsum([m["epoch_time_s"] for m in metrics])
-  y = [m[metric.key] for m in metrics]
+def _series(runs, metric: Metric, versus: str):
+  """``x`` and the mean, min and max of ``metric`` over ``runs`` (seeds of one method; one
+  run: its values), up to the shortest run; versus time: the mean training time."""
+  n = min(len(r["metrics"]) for r in runs)
+  values = np.array([[m[metric.key] for m in r["metrics"][:n]] for r in runs], float)
   if metric is VAL_ERROR:
-    y = [1.0 - v for v in y]
-  return x, y
+    values = 1.0 - values
+  if versus == "epochs":
+    x = np.array([m["epoch"] for m in runs[0]["metrics"][:n]])
+  else:  # training time only, as the paper plots it
+    x = np.mean([np.cumsum([m["epoch_time_s"] for m in r["metrics"][:n]]) for r in runs], 0)
+  return x, values.mean(0), values.min(0), values.max(0)
 
 
-def _panel(ax, runs, metric: Metric, versus: str, title: str, colour_of: dict, key_of):
-  for run in runs:
-    if run["metrics"]:
-      ax.plot(*_series(run, metric, versus), label=legend_label(run),
-              color=colour_of[key_of(run)])
+def _group_label(runs) -> str:
+  return legend_label(runs[0]) if len(runs) == 1 else f"{runs[0]['label']} ({len(runs)} seeds)"
+
+
+def _panel(ax, groups, metric: Metric, versus: str, title: str, colour_of: dict, key_of):
+  for runs in groups:
+    if all(r["metrics"] for r in runs):
+      x, mean, low, high = _series(runs, metric, versus)
+      colour = colour_of[key_of(runs[0])]
+      ax.plot(x, mean, label=_group_label(runs), color=colour,
+              marker="o" if len(x) == 1 else None)  # one epoch: a point, not an empty line
+      if len(runs) > 1:
+        ax.fill_between(x, low, high, color=colour, alpha=0.2)
   ax.set_xlabel("epoch" if versus == "epochs" else "training time [s]")
   ax.set_ylabel(metric.label)
   # An error of 0 has no place on a log axis: leave that point out rather than squash the axis.
@@ -110,14 +120,15 @@ def _panel(ax, runs, metric: Metric, versus: str, title: str, colour_of: dict, k
 
 
 def _rows_figure(rows, key_of, title: str) -> Figure:
-  """One row of `PANELS` per ``(row title, runs)``, colours by ``key_of(run)``."""
-  colour_of = colours(key_of(r) for _, runs in rows for r in runs)
+  """One row of `PANELS` per ``(row title, groups)``; a group is a list of runs drawn as one
+  curve (several: seeds, their mean and min–max band); colours by ``key_of(run)``."""
+  colour_of = colours(key_of(g[0]) for _, groups in rows for g in groups)
   fig = Figure(figsize=(4.2 * len(PANELS), 3.6 * len(rows)), layout="constrained")
   grid = fig.add_gridspec(len(rows), len(PANELS))
-  for r, (row_title, runs) in enumerate(rows):
+  for r, (row_title, groups) in enumerate(rows):
     for c, (metric, versus) in enumerate(PANELS):
       prefix = f"{row_title}: " if row_title else ""
-      _panel(fig.add_subplot(grid[r, c]), runs, metric, versus,
+      _panel(fig.add_subplot(grid[r, c]), groups, metric, versus,
              f"{prefix}{metric.short} vs {versus}", colour_of, key_of)
   if title:
     fig.suptitle(title)
@@ -132,13 +143,27 @@ def paper_figure(runs_by_model: dict, title: str = "") -> Figure:
       models without runs are left out.
     title: figure title.
   """
-  rows = [(MODEL_TITLES.get(m, m), runs) for m, runs in runs_by_model.items() if runs]
+  rows = [(MODEL_TITLES.get(m, m), [[r] for r in runs]) for m, runs in runs_by_model.items()
+          if runs]
   return _rows_figure(rows, method_of, title)
 
 
 def runs_figure(runs: list, title: str = "") -> Figure:
   """Any set of runs in one row of the four panels, one colour per run."""
-  return _rows_figure([("", runs)], lambda run: run["label"], title)
+  return _rows_figure([("", [[r] for r in runs])], lambda run: run["label"], title)
+
+
+def seeds_figure(runs_by_model: dict, title: str = "") -> Figure:
+  """One row of the four panels per model; each method is the mean over its seeds with a
+  min–max band, one colour per method (its runs' label) in every panel.
+
+  Args:
+    runs_by_model: ``{model: {method: [run of each seed, ...]}}`` (runs from `load_run`).
+    title: figure title.
+  """
+  rows = [(MODEL_TITLES.get(m, m), list(by_method.values()))
+          for m, by_method in runs_by_model.items()]
+  return _rows_figure(rows, lambda run: run["label"], title)
 
 
 DIAGNOSTIC_PANELS = (("relative_residual", "relative residual of the solve", "log"),

@@ -48,6 +48,26 @@ def test_validation_error_on_a_log_axis_separates_close_accuracies():
   assert list(lines[1].get_ydata()) == pytest.approx([0.02, 0.015])
 
 
+def test_seed_runs_are_one_mean_curve_with_a_min_max_band_per_method():
+  seeds = lambda mode, accs: [fake_run("vit", mode, a, label=mode) for a in accs]
+  fig = plots.seeds_figure({"vit": {"backprop": seeds("backprop", [[0.9, 0.94], [0.8, 0.96]]),
+                                    "prox_cg3": seeds("prox_cg3", [[0.9, 0.97, 0.99]])}})
+  assert [ax.get_title() for ax in fig.axes] == [
+      "ViT: training loss vs epochs", "ViT: training loss vs time",
+      "ViT: validation error vs epochs", "ViT: validation error vs time"]
+  error_panel = fig.axes[2]
+  backprop, cg3 = error_panel.get_lines()
+  assert backprop.get_label() == "backprop (2 seeds)" and cg3.get_label() == "prox_cg3"
+  assert list(backprop.get_ydata()) == pytest.approx([0.15, 0.05])  # mean of the two seeds
+  assert list(cg3.get_ydata()) == pytest.approx([0.1, 0.03, 0.01])
+  # The band spans the seeds (min to max) for the method with several; one run has none.
+  (band,) = error_panel.collections
+  ys = band.get_paths()[0].vertices[:, 1]
+  assert min(ys) == pytest.approx(0.04) and max(ys) == pytest.approx(0.2)
+  assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(
+      backprop.get_color()))
+
+
 def test_results_table_rows_for_finished_diverged_and_empty_runs():
   table = plots.results_table([
       fake_run("mlp", "backprop", [0.5, 0.75]),
