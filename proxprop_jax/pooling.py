@@ -6,8 +6,9 @@ ConvNet it takes about a third of a plain BackProp step. For the common non-over
 (``strides == window``, no padding) :func:`max_pool` instead stacks the windows' elements
 (strided slices of the input) along a trailing axis and takes its maximum; the gradient goes,
 as flax's does, entirely to the first maximum of each window (row-major order) and is written
-as a ``where`` with the one-hot of that position, which XLA fuses into plain elementwise loops. Values and gradients are identical to
-flax's; every other configuration simply calls flax's ``max_pool``.
+as a ``where`` with the one-hot of that position, which XLA fuses into plain elementwise
+loops. Values and gradients are identical to flax's; every other configuration simply calls
+flax's ``max_pool``.
 """
 
 from __future__ import annotations
