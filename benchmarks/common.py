@@ -83,19 +83,26 @@ def compile_step(model: str, mode: str, x, y, *, hidden=None, seed: int = 0) -> 
   return compile_train_step(mode, net, opt, x, y)
 
 
-def compile_train_step(name: str, net, opt, x, y, loss=models.cross_entropy) -> Compiled:
-  """Compiles one training step of ``net`` with ``opt``: ``state, x, y → state, loss``
-  (``loss(logits, labels)``), the state donated and the batch an argument."""
+def train_step(net, opt, loss=models.cross_entropy):
+  """One training step of ``net`` with ``opt`` as a pure function ``state, x, y → state,
+  loss`` (``loss(logits, labels)``), and the state to call it with."""
   graphdef, state = nnx.split((net, opt))
 
-  def train_step(state, x, y):
+  def step(state, x, y):
     net, opt = nnx.merge(graphdef, state)
     value, grads = nnx.value_and_grad(lambda m: loss(m(x), y))(net)
     opt.update(net, grads)
     return nnx.state((net, opt)), value
 
+  return step, state
+
+
+def compile_train_step(name: str, net, opt, x, y, loss=models.cross_entropy) -> Compiled:
+  """Compiles `train_step` of ``net`` with ``opt``, the state donated and the batch an
+  argument."""
+  step, state = train_step(net, opt, loss)
   start = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
   compile_s = time.perf_counter() - start
   memory, detail = memory_of(compiled)
   return Compiled(name, compiled, state, compile_s, memory, detail)

@@ -17,14 +17,16 @@ from proxprop_jax.solvers import matmul, matmul_t, t_matmul
 def parameter_space(plan: Plan, gram, grad, lam, steps: int | None, precision=None):
   """``D`` from the Gram ``AᵀA`` (B, p, p) and the gradient ``Aᵀg`` (B, p, k)."""
   if plan.solver == "cholesky":
-    return solvers.spd_solve(gram, grad, lam, precision)
+    return solvers.spd_solve(gram, grad, lam)
+  if plan.solver == "closed_form":
+    return solvers.small_spd_solve(gram, grad, lam)
   if plan.solver == "inverse":
     return matmul(solvers.spd_inverse(gram, lam, precision), grad, precision)
   if plan.solver == "cg":
-    return solvers.gram_cg(gram, grad, lam, steps, precision)
+    return solvers.gram_cg(gram, grad, lam, steps, precision, plan.unroll)
   evals, evecs, keep = solvers.eigh_psd(gram)
   coeffs = t_matmul(evecs, grad, precision) * keep[..., None]
-  return matmul(evecs, solvers.eig_cg(evals, coeffs, lam, steps), precision)
+  return matmul(evecs, solvers.eig_cg(evals, coeffs, lam, steps, unroll=plan.unroll), precision)
 
 
 def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precision=None):
@@ -52,14 +54,17 @@ def batch_space(plan: Plan, a, g, use_bias: bool, lam, steps: int | None, precis
 
   row_gram = row_gram_of(a, use_bias, precision)
   if plan.solver == "cholesky":
-    return a_transpose(solvers.spd_solve(row_gram, g, lam, precision))
+    return a_transpose(solvers.spd_solve(row_gram, g, lam))
+  if plan.solver == "closed_form":
+    return a_transpose(solvers.small_spd_solve(row_gram, g, lam))
   if plan.solver == "inverse":
     return a_transpose(solvers.spd_inverse(row_gram, lam, precision), g)
   if plan.solver == "cg":
-    return a_transpose(solvers.row_gram_cg(row_gram, g, lam, steps, precision))
+    return a_transpose(solvers.row_gram_cg(row_gram, g, lam, steps, precision, plan.unroll))
   evals, evecs, keep = solvers.eigh_psd(row_gram)
   coeffs = t_matmul(evecs, g, precision) * keep[..., None]
-  return a_transpose(evecs, solvers.eig_cg(evals, coeffs, lam, steps, weights=evals))
+  return a_transpose(evecs, solvers.eig_cg(evals, coeffs, lam, steps, weights=evals,
+                                           unroll=plan.unroll))
 
 
 def diagonal(evals, grad, lam, steps: int | None):

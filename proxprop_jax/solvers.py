@@ -7,10 +7,13 @@ leading block dimensions: ``M`` of shape ``(..., n, n)`` and ``B`` of shape
 per feature of a norm layer's affine parameters, …). ``precision`` is the
 ``lax.Precision`` of every matrix product.
 
-* `spd_solve`: Cholesky, with an eigendecomposition fallback when Cholesky breaks
-  down (``λ`` tiny against a nearly singular ``M``, e.g. ``τ = 1e6``);
+* `spd_solve`: Cholesky and two triangular solves; where Cholesky breaks down (``λ``
+  tiny against a nearly singular ``M``, e.g. ``τ = 1e6``) the block is factored again
+  with a shift at ``M``'s rounding level (`shifted_cholesky`);
 * `spd_inverse`: the same factorisation, as an explicit inverse (for many
   right-hand sides, where triangular solves are slow);
+* `small_spd_solve`: 1×1 and 2×2 systems (a norm layer's scale and bias per
+  feature) in closed form, elementwise;
 * `gram_cg`: textbook CG with the formed ``M`` (one small product per step);
 * `row_gram_cg`: textbook CG on ``(AᵀA + λI) D = Aᵀg`` in batch space, given ``AAᵀ``;
 * `eig_cg`: textbook CG iterates computed in the eigenbasis of ``M``, where every
@@ -104,69 +107,90 @@ def eigh_psd(matrix):
 
 
 def cholesky_failed(matrix, lam):
-  """Whether the Cholesky factorisation of ``M + λI`` breaks down (then `spd_solve` and
-  `spd_inverse` take their eigendecomposition fallback)."""
+  """Whether the Cholesky factorisation of ``M + λI`` breaks down in any block (then
+  `shifted_cholesky` factors that block with the larger shift)."""
   return ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(matrix + lam * _eye_like(matrix))))
 
 
-def _cholesky_or_eig(matrix, lam, with_factor, with_eigh):
-  """Applies ``(M + λI)⁻¹`` through its Cholesky factor, or its eigendecomposition.
+def shifted_cholesky(matrix, lam):
+  """The Cholesky factor ``L`` of ``M + λI`` for PSD ``M`` (..., n, n), robust to breakdown.
 
-  Runs ``with_factor(L)`` for the Cholesky factor ``L`` of ``M + λI``; where the
-  factorisation breaks down in finite precision (it returns NaN when ``λ`` is below
-  the rounding error of a singular ``M``), runs ``with_eigh(scale, evecs)`` instead,
-  with ``scale = keep / (evals + λ)`` from `eigh_psd`, which drops the numerical
-  null space.
+  In finite precision the factorisation breaks down (returns NaN) when ``λ`` is below
+  the rounding error of a singular ``M``. Such a block is factored again as
+  ``M + (λ + δ)I`` with ``δ = n · eps · trace(M)`` (≥ ``n · eps · ‖M‖``, the shift that
+  makes a PSD matrix's factorisation succeed): the proximal step for the largest
+  ``τ`` this precision resolves. It damps only the directions at ``M``'s rounding
+  level, where the exact solve would amplify rounding noise by ``1/λ``.
+
+  Both factorisations always run and a ``where`` picks the shift: no conditional, which
+  on a GPU would make the host wait for the first factorisation (and an
+  eigendecomposition fallback would be compiled into every step).
   """
-  chol = jnp.linalg.cholesky(matrix + lam * _eye_like(matrix))
+  eye = _eye_like(matrix)
+  chol = jnp.linalg.cholesky(matrix + lam * eye)
+  failed = ~jnp.all(jnp.isfinite(chol), axis=(-2, -1))
+  n, eps = matrix.shape[-1], jnp.finfo(matrix.dtype).eps
+  shift = jnp.where(failed, n * eps * jnp.trace(matrix, axis1=-2, axis2=-1), 0)
+  return jnp.linalg.cholesky(matrix + (lam + shift)[..., None, None] * eye)
 
-  def eig_branch():
-    evals, evecs, keep = eigh_psd(matrix)
-    return with_eigh(keep / (evals + lam), evecs)
 
-  return lax.cond(jnp.all(jnp.isfinite(chol)), lambda: with_factor(chol), eig_branch)
-
-
-def spd_solve(matrix, rhs, lam, precision=None):
-  """``(M + λI)⁻¹ B`` for PSD ``M`` (..., n, n) and ``B`` (..., n, k): a Cholesky solve,
-  with the eigendecomposition fallback of `_cholesky_or_eig`."""
-
-  def with_factor(chol):
-    y = lax.linalg.triangular_solve(chol, rhs, left_side=True, lower=True)
-    return lax.linalg.triangular_solve(chol, y, left_side=True, lower=True, transpose_a=True)
-
-  def with_eigh(scale, evecs):
-    return matmul(evecs, t_matmul(evecs, rhs, precision) * scale[..., None], precision)
-
-  return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
+def spd_solve(matrix, rhs, lam):
+  """``(M + λI)⁻¹ B`` for PSD ``M`` (..., n, n) and ``B`` (..., n, k): two triangular
+  solves with `shifted_cholesky`'s factor."""
+  chol = shifted_cholesky(matrix, lam)
+  y = lax.linalg.triangular_solve(chol, rhs, left_side=True, lower=True)
+  return lax.linalg.triangular_solve(chol, y, left_side=True, lower=True, transpose_a=True)
 
 
 def spd_inverse(matrix, lam, precision=None):
-  """``(M + λI)⁻¹`` for PSD ``M`` (..., n, n), with `spd_solve`'s eigendecomposition fallback.
+  """``(M + λI)⁻¹`` for PSD ``M`` (..., n, n), from `shifted_cholesky`'s factor.
 
   ``L⁻ᵀ L⁻¹`` from the Cholesky factor ``L``: one triangular solve with ``n``
   right-hand sides and one matrix product. Applying it to ``k ≳ 1.5 n`` columns is
   faster than `spd_solve`'s two triangular solves with ``k`` right-hand sides
   (triangular solves run well below matrix-product speed on CPUs and GPUs).
   """
-
-  def with_factor(chol):
-    eye = jnp.broadcast_to(_eye_like(matrix), matrix.shape)
-    inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-    return t_matmul(inv_l, inv_l, precision)
-
-  def with_eigh(scale, evecs):
-    return matmul_t(evecs * scale[..., None, :], evecs, precision)
-
-  return _cholesky_or_eig(matrix, lam, with_factor, with_eigh)
+  chol = shifted_cholesky(matrix, lam)
+  eye = jnp.broadcast_to(_eye_like(matrix), matrix.shape)
+  inv_l = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
+  return t_matmul(inv_l, inv_l, precision)
 
 
-def gram_cg(matrix, rhs, lam, steps: int, precision=None):
+def small_spd_solve(matrix, rhs, lam):
+  """``(M + λI)⁻¹ B`` for PSD ``M`` (..., n, n) with ``n ≤ 2``, in closed form.
+
+  ``n = 1``: ``B / (m + λ)``. ``n = 2``: the Cholesky factor ``[[l₁₁, 0], [l₂₁, l₂₂]]``
+  written out, then the two triangular solves: only elementwise operations (one fused
+  kernel on a GPU). A block whose last pivot ``l₂₂²`` is not positive (breakdown) is
+  factored with `shifted_cholesky`'s shift ``δ = n · eps · trace(M)``.
+  """
+  if matrix.shape[-1] == 1:
+    return rhs / (matrix + lam)
+  if matrix.shape[-1] != 2:
+    raise ValueError(f"small_spd_solve solves 1x1 and 2x2 systems; got {matrix.shape}.")
+  a, b, c = (matrix[..., i, j][..., None] for i, j in ((0, 0), (0, 1), (1, 1)))
+
+  def factor(shift):
+    l11 = jnp.sqrt(a + lam + shift)
+    l21 = b / l11
+    return l11, l21, c + lam + shift - l21 * l21
+
+  pivot = factor(0)[2]
+  shift = jnp.where(pivot > 0, 0, 2 * jnp.finfo(matrix.dtype).eps * (a + c))
+  l11, l21, pivot = factor(shift)
+  l22 = jnp.sqrt(jnp.maximum(pivot, jnp.finfo(matrix.dtype).tiny))  # a last guard: never NaN
+  y0 = rhs[..., 0, :] / l11
+  x1 = (rhs[..., 1, :] - l21 * y0) / l22 / l22
+  return jnp.stack([(y0 - l21 * x1) / l11, x1], axis=-2)
+
+
+def gram_cg(matrix, rhs, lam, steps: int, precision=None, unroll: bool = False):
   """``steps`` textbook CG iterations per column on ``(M + λI) X = B`` from ``X = 0``.
 
   ``M`` (..., n, n) is formed (e.g. the Gram ``AᵀA`` of a convolution), so each
   iteration is one ``(n, n) @ (n, k)`` product: for ``N`` steps ``2·N·n²·k`` FLOPs,
-  much less than an eigendecomposition when ``N·k ≪ n``.
+  much less than an eigendecomposition when ``N·k ≪ n``. ``unroll``: the iterations
+  as straight-line code, no ``while`` loop (every CG here has a static step count).
   """
 
   def matvec(p):
@@ -182,11 +206,11 @@ def gram_cg(matrix, rhs, lam, steps: int, precision=None):
     return x, r, p, rr_new
 
   init = (jnp.zeros_like(rhs), rhs, rhs, _column_dot(rhs, rhs))
-  x, _, p, rr = lax.fori_loop(0, steps - 1, step, init)
+  x, _, p, rr = lax.fori_loop(0, steps - 1, step, init, unroll=unroll)
   return x + _safe_divide(rr, _column_dot(p, matvec(p))) * p  # the last step: no new residual
 
 
-def row_gram_cg(row_gram, g, lam, steps: int, precision=None):
+def row_gram_cg(row_gram, g, lam, steps: int, precision=None, unroll: bool = False):
   """Batch-space textbook CG: ``Y`` with ``D = Aᵀ Y`` the ``N``-step CG iterate.
 
   Runs CG on ``(AᵀA + λI) D = Aᵀ g`` (one CG per column, from ``D = 0``) given only
@@ -198,7 +222,7 @@ def row_gram_cg(row_gram, g, lam, steps: int, precision=None):
   * ``Kπ ← Kρ + β Kπ``, so each iteration needs one product ``Kρ``.
 
   ``N`` steps cost ``N`` products ``(rows, rows) @ (rows, k)`` and no
-  factorisation; exact textbook CG in exact arithmetic.
+  factorisation; exact textbook CG in exact arithmetic. ``unroll`` as in `gram_cg`.
   """
 
   def alpha(rr, pi, k_pi):
@@ -215,11 +239,11 @@ def row_gram_cg(row_gram, g, lam, steps: int, precision=None):
 
   k_g = matmul(row_gram, g, precision)
   init = (jnp.zeros_like(g), g, g, k_g, _column_dot(g, k_g))
-  y, _, pi, k_pi, rr = lax.fori_loop(0, steps - 1, step, init)
+  y, _, pi, k_pi, rr = lax.fori_loop(0, steps - 1, step, init, unroll=unroll)
   return y + alpha(rr, pi, k_pi) * pi
 
 
-def eig_cg(evals, coeffs, lam, steps: int, weights=None):
+def eig_cg(evals, coeffs, lam, steps: int, weights=None, unroll: bool = False):
   """``steps`` textbook CG iterations per column, in an eigenbasis.
 
   Solves ``diag(s + λ) w = c`` column by column from ``w = 0`` with inner products
@@ -237,6 +261,7 @@ def eig_cg(evals, coeffs, lam, steps: int, weights=None):
     lam: ``λ > 0``.
     steps: the number of CG iterations ``N ≥ 1``.
     weights: ``m``, shape (..., n), or None for 1.
+    unroll: the iterations as straight-line code (as in `gram_cg`).
 
   Returns:
     ``w``, shape (..., n, k).
@@ -255,7 +280,8 @@ def eig_cg(evals, coeffs, lam, steps: int, weights=None):
 
   # The iterate is not carried: the system is diagonal, so w = (c − r) / (s + λ)
   # (the residual's definition), which saves two of the five array passes per step.
-  r = lax.fori_loop(0, steps, step, (coeffs, coeffs, _column_dot(m * coeffs, coeffs)))[0]
+  init = (coeffs, coeffs, _column_dot(m * coeffs, coeffs))
+  r = lax.fori_loop(0, steps, step, init, unroll=unroll)[0]
   return (coeffs - r) / diag
 
 

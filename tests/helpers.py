@@ -19,6 +19,26 @@ def rel_err(got, want) -> float:
   return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-300))
 
 
+def product_eps(precision=None) -> float:
+  """The relative rounding of a float32 matrix product's inputs at ``precision`` on the
+  default backend: what a float32 result computed at that precision is accurate to.
+
+  XLA's CPU backend ignores the setting (float32, 2⁻²⁴). On a GPU, ``DEFAULT`` and
+  ``HIGH`` products of float32 run in TF32 (10 mantissa bits, 2⁻¹¹); on a TPU in one
+  bfloat16 pass (``DEFAULT``, 2⁻⁸) or three (``HIGH``, ≈ 2⁻¹⁶). ``HIGHEST`` is float32
+  everywhere.
+  """
+  precision = jax.lax.Precision(precision) if isinstance(precision, str) else precision
+  if precision == jax.lax.Precision.HIGHEST:
+    return 2.0**-24
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return 2.0**-11
+  if backend == "tpu":
+    return 2.0**-16 if precision == jax.lax.Precision.HIGH else 2.0**-8
+  return 2.0**-24
+
+
 def flat(dk, db):
   """Kernel and bias directions as the ``(p, out)`` columns of ``θ = [W; b]``."""
   dk = np.asarray(dk).reshape(-1, np.shape(dk)[-1])

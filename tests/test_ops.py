@@ -423,8 +423,20 @@ def test_solve_precision_is_configurable_and_checked():
   loss = lambda k: jnp.sum(pp.dense(x, k, mode="prox_cg2", solve_precision="high") ** 2)
   found = product_precisions(jax.make_jaxpr(jax.grad(loss))(k))
   assert jax.lax.Precision.HIGH in found and jax.lax.Precision.HIGHEST not in found
-  with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision or one of"):
+  with pytest.raises(ValueError, match="a jax.lax.DotAlgorithmPreset or one of their names"):
     pp.dense(x, k, solve_precision="fast")
+
+
+@pytest.mark.parametrize("name", ["bf16_bf16_f32_x3", "TF32_TF32_F32_X3"])
+def test_solve_precision_takes_an_algorithm_preset_by_name(name):
+  # A 3-pass algorithm for the solve's products, the layer's own products untouched.
+  preset = jax.lax.DotAlgorithmPreset[name.upper()]
+  x, k = jnp.ones((6, 9)), jnp.ones((9, 4))
+  for mode in ("prox_exact", "prox_cg2"):
+    loss = lambda k: jnp.sum(pp.dense(x, k, mode=mode, solve_precision=name) ** 2)
+    found = product_precisions(jax.make_jaxpr(jax.grad(loss))(k))
+    assert found.count(preset) >= 2 and jax.lax.Precision.HIGHEST not in found, (mode, found)
+    assert jax.lax.Precision.DEFAULT in found  # the forward pass and the input cotangent
 
 
 # ------------------------------------------------------------------ non-finite inputs

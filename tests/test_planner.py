@@ -30,6 +30,7 @@ def test_plan_is_a_frozen_printable_value():
     (dict(system="batch", solver="none"), "solver 'none' goes with system 'gradient'"),
     (dict(system="parameter", solver="inverse", multiply_a_first=True), "multiply_a_first"),
     (dict(system="batch", solver="cg", multiply_a_first=True), "multiply_a_first"),
+    (dict(system="batch", solver="cholesky", unroll=True), "unroll applies to the CG"),
 ])
 def test_bad_plans_name_the_valid_choices(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -94,3 +95,29 @@ def test_recording_sees_every_traced_layer_call():
 def test_describe_is_one_line_with_sizes_and_plan():
   line = planner.describe(_dense(500, 784, 4000), EXACT, "cpu")
   assert "\n" not in line and "rows=500" in line and "p=785" in line and "Plan(" in line
+
+
+def test_systems_of_one_or_two_unknowns_are_solved_in_closed_form():
+  norm = layers.NormAffine((1,), True, True).problem((64, 8), devices=1)  # 2x2 per feature
+  scale_only = layers.NormAffine((1,), True, False).problem((64, 8), devices=1)
+  for backend in ("cpu", "gpu"):
+    assert planner.plan(norm, EXACT, backend) == pp.Plan("parameter", "closed_form")
+    assert planner.plan(scale_only, EXACT, backend).solver == "closed_form"
+    assert planner.plan(_dense(500, 784, 4000), EXACT, backend).solver != "closed_form"
+    assert planner.plan(norm, CG3, backend).solver in ("cg", "eig_cg")  # CG stays CG
+
+
+def test_planning_plans_for_another_backend_with_other_constants():
+  problem = _dense(200, 784, 4000)
+  cg10 = parse_mode("prox_cg10")
+  assert planner.plan(problem, cg10, "cpu").solver == "eig_cg"
+  with planner.planning("gpu"):
+    # The H200's measured costs: ten products with the 200x200 matrix beat one eigh.
+    assert planner.plan(problem, cg10) == pp.Plan("batch", "cg")
+    with planner.planning("gpu", unroll_steps=10):
+      assert planner.plan(problem, cg10) == pp.Plan("batch", "cg", unroll=True)
+      assert not planner.plan(problem, parse_mode("prox_cg11")).unroll
+  assert planner.plan(problem, cg10, "cpu").solver == "eig_cg"  # the block restored
+  with pytest.raises(ValueError, match="unknown cost constants.*valid"):
+    with planner.planning(unrol=3):
+      pass

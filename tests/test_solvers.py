@@ -38,6 +38,55 @@ def test_spd_solve_falls_back_when_cholesky_breaks_down():
   np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
+def test_only_a_block_that_breaks_down_is_factored_with_the_shift():
+  rng = np.random.default_rng(3)
+  low = (rng.normal(size=(40, 2)) * 100).astype(np.float32)
+  good = _psd(rng, 40, 40).astype(np.float32)
+  m, lam = jnp.asarray(np.stack([low @ low.T, good])), 1e-6
+  chol = solvers.shifted_cholesky(m, lam)
+  plain = jnp.linalg.cholesky(m + lam * jnp.eye(40, dtype=m.dtype))
+  assert not np.all(np.isfinite(plain[0])) and np.all(np.isfinite(chol[0]))
+  np.testing.assert_array_equal(chol[1], plain[1])  # no breakdown: the very same factor
+  # The broken block is M + (λ + δ)I with δ = n·eps·trace(M).
+  delta = 40 * np.finfo(np.float32).eps * np.trace(low @ low.T, dtype=np.float64)
+  want = np.linalg.cholesky(np.float64(low) @ np.float64(low).T + (lam + delta) * np.eye(40))
+  np.testing.assert_allclose(chol[0], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+  assert bool(solvers.cholesky_failed(m, lam)) and not bool(solvers.cholesky_failed(m[1:], lam))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_small_systems_are_solved_in_closed_form(n):
+  rng = np.random.default_rng(4)
+  # Blocks of 1x1 / 2x2 Grams: random, rank one, and zero (a constant or absent input).
+  m = np.stack([_psd(rng, n, n), _psd(rng, n, 1), np.zeros((n, n))])
+  rhs, lam = rng.normal(size=(3, n, 4)), 0.3
+  got = jax.jit(solvers.small_spd_solve)(m, rhs, lam)
+  want = np.linalg.solve(m + lam * np.eye(n), rhs)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError, match="1x1 and 2x2"):
+    solvers.small_spd_solve(jnp.eye(3), jnp.ones((3, 1)), lam)
+
+
+def test_closed_form_is_finite_near_breakdown_and_shifts_where_it_breaks_down():
+  rng = np.random.default_rng(5)
+  # Rank-one float32 2x2 Grams and tiny λ: finite, and a descent direction (rᵀ D r > 0).
+  v = rng.normal(size=(50, 2, 1)).astype(np.float32)
+  m, r = jnp.asarray(v @ v.transpose(0, 2, 1)), jnp.asarray(v)
+  for lam in (1e-7, 1e-3):
+    got = np.asarray(solvers.small_spd_solve(m, r, jnp.float32(lam)))
+    assert np.all(np.isfinite(got)) and np.all(np.sum(got * np.asarray(r), axis=(1, 2)) > 0)
+  # A Gram indefinite by rounding breaks down: factored as M + (λ + δ)I, δ = 2·eps·trace.
+  low = 1.0 - 2.0**-23
+  bad = jnp.asarray([[[1.0, 1.0], [1.0, low]]], jnp.float32)
+  rhs, lam = jnp.asarray([[[1.0], [2.0]]], jnp.float32), 1e-8
+  delta = 2 * np.finfo(np.float32).eps * (1 + low)
+  want = np.linalg.solve(np.float64(bad[0]) + (lam + delta) * np.eye(2), np.float64(rhs[0]))
+  # The shifted system's condition number is ~1/(2·eps): float32 resolves it to a few %
+  # (without the shift the matrix is indefinite and the answer has no meaning at all).
+  np.testing.assert_allclose(solvers.small_spd_solve(bad, rhs, jnp.float32(lam))[0], want,
+                             rtol=5e-2)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_eig_cg_is_textbook_cg_in_parameter_space(steps):
   # A rank-deficient Gram AᵀA (rows < p) and b = Aᵀg, as in a layer.
