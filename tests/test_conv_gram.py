@@ -74,8 +74,10 @@ def test_patches_match_the_loop_reference():
 def test_shift_gram_under_jit_and_in_float32():
   shape, window, pads = (4, 10, 10, 3), (5, 5), ((2, 2), (2, 2))
   x = np.random.default_rng(2).uniform(size=shape)
+  # At HIGHEST, as the layers form it: a float32 Gram at the default precision is TF32 on a GPU.
   fn = jax.jit(functools.partial(conv_gram.gram, window=window, strides=(1, 1), pads=pads,
-                                 dilation=(1, 1), use_bias=True, method="shifts"))
+                                 dilation=(1, 1), use_bias=True, method="shifts",
+                                 precision=jax.lax.Precision.HIGHEST))
   want = np.asarray(conv_gram.gram(jnp.asarray(x), window, (1, 1), pads, (1, 1), True,
                                    method="patches"))
   assert np.abs(np.asarray(fn(jnp.asarray(x))) - want).max() <= 1e-12 * np.abs(want).max()
