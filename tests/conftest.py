@@ -8,6 +8,9 @@ from tests import helpers
 
 # Before JAX starts its backend (it reads XLA_FLAGS once); subprocesses inherit it.
 os.environ["XLA_FLAGS"] = helpers.xla_flags(os.environ.get("XLA_FLAGS", "")).strip()
+# `pytest -n N` on a GPU machine: N test processes share the GPU, so each allocates what it
+# uses instead of JAX's default 75% of the GPU's memory up front (the second would not get it).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 def rel_err(got, want) -> float:
@@ -37,6 +38,12 @@ def product_eps(precision=None) -> float:
   if backend == "tpu":
     return 2.0**-16 if precision == jax.lax.Precision.HIGH else 2.0**-8
   return 2.0**-24
+
+
+def gpu_marked(values, *chosen) -> list:
+  """``values`` for ``pytest.mark.parametrize``, those in ``chosen`` marked ``gpu``: in the GPU
+  smoke set (``python -m pytest -m gpu tests``; tests/test_markers.py checks what it covers)."""
+  return [pytest.param(v, marks=pytest.mark.gpu) if v in chosen else v for v in values]
 
 
 def flat(dk, db):

@@ -11,6 +11,7 @@ from flax import nnx
 import proxprop_jax as pp
 from proxprop_jax import conversion
 from tests import reference
+from tests.helpers import gpu_marked
 
 COUNTERPARTS = conversion.counterparts()
 
@@ -85,6 +86,7 @@ class _Everything(nnx.Module):
     return self.head(self.convs(self.extra["einsum"](self.extra["rms"](x))))
 
 
+@pytest.mark.gpu
 def test_every_layer_keeps_its_variables_forward_and_other_state():
   model = _Everything(nnx.Rngs(0))
   ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 20)
@@ -199,7 +201,8 @@ def _sum_loss(c):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("mode", ["gradient", "prox_exact", "prox_cg3"])
+@pytest.mark.parametrize("mode", gpu_marked(["gradient", "prox_exact", "prox_cg3"], "prox_exact",
+                                            "prox_cg3"))
 def test_converted_linear_gives_the_numpy_direction_and_pp_dense(mode):
   rng = np.random.default_rng(0)
   x, c = jnp.asarray(rng.normal(size=(7, 5))), jnp.asarray(rng.normal(size=(7, 3)))
@@ -215,6 +218,7 @@ def test_converted_linear_gives_the_numpy_direction_and_pp_dense(mode):
   np.testing.assert_allclose(got, np.concatenate([dense[0], dense[1][None]]), rtol=1e-12)
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("mode", ["prox_exact", "prox_cg2"])
 def test_converted_conv_gives_the_numpy_direction(mode):
@@ -281,6 +285,7 @@ def test_a_jitted_step_retraces_after_convert_and_then_gives_the_direction():
   assert not np.allclose(plain["layers"][0]["kernel"][...], want[0], rtol=1e-2)
 
 
+@pytest.mark.gpu
 def test_one_adam_step_of_a_converted_transformer_block_lowers_the_loss():
   model = nnx.Sequential(_Block(nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)  # built before convert

@@ -13,6 +13,8 @@ from proxprop_jax import diagnosis
 from tests import reference
 from tests.helpers import product_eps
 
+pytestmark = pytest.mark.gpu  # the GPU smoke set holds every diagnostics test
+
 
 def _convnet(mode, tau=0.5):
   model = nnx.Sequential(

@@ -55,6 +55,7 @@ def _reference_direction(matrices, g, mode):
                          for b, a in enumerate(matrices)], axis=1)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("problem", PROBLEMS, ids=IDS)
 def test_every_plan_matches_numpy(problem):
   op, kw, x_shape, k_shape = problem

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import proxprop_jax as pp
+from tests.helpers import gpu_marked
 
 
 def _check(ours, theirs, x, direction):
@@ -30,7 +31,7 @@ def _check(ours, theirs, x, direction):
 
 
 @pytest.mark.parametrize("mode", ["prox_exact", "prox_cg3"])
-@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("use_bias", gpu_marked([True, False], True))
 def test_dense(mode, use_bias):
   x = jax.random.normal(jax.random.key(1), (6, 9))
   _check(pp.linen.Dense(4, use_bias=use_bias, mode=mode, tau_prox=0.5),
@@ -40,8 +41,9 @@ def test_dense(mode, use_bias):
 
 @pytest.mark.parametrize("x_shape, conv, mode", [
     ((2, 7, 7, 3), dict(strides=2), "prox_exact"),
-    ((2, 7, 7, 3), dict(strides=2), "prox_cg3"),
-    ((2, 6, 6, 4), dict(feature_group_count=2), "prox_exact"),  # grouped
+    pytest.param((2, 7, 7, 3), dict(strides=2), "prox_cg3", marks=pytest.mark.gpu),
+    pytest.param((2, 6, 6, 4), dict(feature_group_count=2), "prox_exact",  # grouped
+                 marks=pytest.mark.gpu),
     ((2, 6, 6, 4), dict(feature_group_count=2), "prox_cg2"),
 ])
 def test_conv(x_shape, conv, mode):

@@ -62,6 +62,7 @@ def test_cg_loops_are_unrolled_only_when_planned_so():
   assert unrolled["products"] > rolled["products"]  # the loop bodies, written out
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("solve_precision,kind", [("highest", "highest"),
                                                   ("bf16_bf16_f32_x3", "bf16_x3")])
 def test_solve_products_run_at_the_solve_precision_on_a_gpu(solve_precision, kind):

@@ -56,6 +56,7 @@ def test_conv_mirrors_nnx_conv(x_shape, kernel_size, kwargs):
                **kwargs), x)
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("mode", ["prox_exact", "prox_cg3"])
 def test_conv_module_direction_matches_numpy(mode):
@@ -93,6 +94,7 @@ def _loss(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("optimizer,mode,tau", [
     (optax.sgd(1.0, momentum=0.95, nesterov=True), "prox_cg3", 0.05),
     (optax.sgd(1.0, momentum=0.95, nesterov=True), "prox_exact", 0.05),

@@ -9,7 +9,7 @@ import pytest
 
 import proxprop_jax as pp
 from tests import reference
-from tests.helpers import flat, matrix_free_direction, product_precisions, rel_err
+from tests.helpers import flat, gpu_marked, matrix_free_direction, product_precisions, rel_err
 
 MODES = ["gradient", "prox_exact", "prox_cg1", "prox_cg2", "prox_cg5"]
 CONV_MODES = ["gradient", "prox_exact", "prox_cg2"]  # compile time: conv cases are many
@@ -202,7 +202,7 @@ def test_each_cg_step_lowers_the_error_in_the_system_norm(x_shape):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("steps", gpu_marked([1, 3, 10], 3))
 def test_fast_paths_match_matrix_free_cg(steps):
   rng = np.random.default_rng(6)
   problems = [
@@ -383,6 +383,7 @@ PRECISION_PLANS = [None] + [pp.Plan(s, v, m) for s in ("batch", "parameter")
                             if not (m and (s == "parameter" or v in ("cholesky", "cg")))]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("op,x_shape,k_shape", [(pp.dense, (6, 9), (9, 4)),
                                                 (pp.conv, (2, 5, 5, 3), (3, 3, 3, 4))])
 def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
@@ -418,6 +419,7 @@ def test_direction_products_run_at_solve_precision(op, x_shape, k_shape):
         assert found.count(highest) == len(found) - len(user_products) > 0, (mode, plan, found)
 
 
+@pytest.mark.gpu
 def test_solve_precision_is_configurable_and_checked():
   x, k = jnp.ones((6, 9)), jnp.ones((9, 4))
   loss = lambda k: jnp.sum(pp.dense(x, k, mode="prox_cg2", solve_precision="high") ** 2)
@@ -427,6 +429,7 @@ def test_solve_precision_is_configurable_and_checked():
     pp.dense(x, k, solve_precision="fast")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bf16_bf16_f32_x3", "TF32_TF32_F32_X3"])
 def test_solve_precision_takes_an_algorithm_preset_by_name(name):
   # A 3-pass algorithm for the solve's products, the layer's own products untouched.
@@ -454,6 +457,7 @@ def test_one_non_finite_row_makes_the_whole_direction_non_finite(mode):
     assert not np.isfinite(np.asarray(dk)).any() and not np.isfinite(np.asarray(db)).any()
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("x64")
 def test_traced_tau_gives_the_closed_form_of_its_value():
   # τ passed as a jit argument (a schedule inside a step): one trace for every value.
