@@ -29,9 +29,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+import proxprop_jax as pp
 from experiments import config as config_lib
 from experiments import models
 from experiments import optimizers
+from proxprop_jax import ops, planner
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -77,10 +79,32 @@ class Compiled:
   memory_detail: dict
 
 
-def compile_step(model: str, mode: str, x, y, *, hidden=None, seed: int = 0) -> Compiled:
-  """Builds the model and compiles one training step ``state, x, y → state, loss``."""
+def variant(name: str) -> tuple[str, dict]:
+  """``"mode"`` or ``"mode/choice"``: the mode, and a choice of the solve made differently
+  from the defaults, to compare in one process: ``unroll`` (CG loops written out,
+  `planner.planning` with ``unroll_steps=10``) or a ``solve_precision`` name (e.g.
+  ``bf16_bf16_f32_x3``)."""
+  mode, _, choice = name.partition("/")
+  if not choice:
+    return mode, {}
+  if choice == "unroll":
+    return mode, {"unroll_steps": 10}
+  if choice.lower() not in ops.PRECISION_NAMES:
+    raise ValueError(f"variant {name!r}: after '/' comes 'unroll' or a solve_precision, one of "
+                     f"{ops.PRECISION_NAMES}")
+  return mode, {"solve_precision": choice.lower()}
+
+
+def compile_step(model: str, name: str, x, y, *, hidden=None, seed: int = 0) -> Compiled:
+  """Builds the model and compiles one training step ``state, x, y → state, loss`` for the
+  mode or `variant` ``name``."""
+  mode, choice = variant(name)
   net, opt = build(model, mode, hidden=hidden, seed=seed)
-  return compile_train_step(mode, net, opt, x, y)
+  if "solve_precision" in choice:  # a static attribute of the layers: part of the program
+    for layer in pp.conversion.prox_layers(net).values():
+      layer.solve_precision = choice["solve_precision"]
+  with planner.planning(**{k: v for k, v in choice.items() if k == "unroll_steps"}):
+    return compile_train_step(name, net, opt, x, y)
 
 
 def train_step(net, opt, loss=models.cross_entropy):
