@@ -82,19 +82,18 @@ def make_parser() -> argparse.ArgumentParser:
 def run_config(base: config_lib.RunConfig, out: str, run: ArchRun) -> config_lib.RunConfig:
   return dataclasses.replace(base, model=run.model, mode=run.mode, optimizer="adam",
                              tau_prox=run.tau_prox, seed=run.seed,
-                             out=os.path.join(out, run.name), resume=True)
+                             out=os.path.join(out, run.name))
 
 
 def run_grid(base: config_lib.RunConfig, out: str, runs: list[ArchRun]) -> None:
   """Trains what `paper.plan` says for each run, with a progress line per run."""
   start = time.perf_counter()
   for i, run in enumerate(runs, 1):
-    config = run_config(base, out, run)
-    train_now, what = paper.plan(config)
+    todo, what = paper.plan(run_config(base, out, run))
     print(f"== [{i}/{len(runs)}, {time.perf_counter() - start:.0f} s] {run.name}: {what}",
           flush=True)
-    if train_now:
-      train.run(config)
+    if todo is not None:
+      train.run(todo)
   print(f"grid done in {time.perf_counter() - start:.0f} s")
 
 

@@ -48,8 +48,11 @@ def initialize_distributed(args) -> None:
 
 def interrupted_message(config, argv) -> str:
   """One line: what an interrupted run has saved, and the command that continues it."""
-  epochs = records.run_state(config.out).epochs
-  saved = (f"epochs 1-{epochs} are saved in {config.out}" if epochs else
+  state = records.run_state(config.out)
+  if state.status == "new":  # stopped before the run wrote its first file
+    return (f"interrupted before the run started: nothing is saved in {config.out}; start it "
+            f"again with: {cli.command('experiments.cifar', argv)}")
+  saved = (f"{train.saved_epochs(state.epochs)} in {config.out}" if state.epochs else
            f"no epoch had finished; {config.out} is ready to start over")
   return (f"interrupted: {saved}; continue with: "
           f"{cli.command('experiments.cifar', argv, '--resume')}")

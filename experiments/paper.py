@@ -6,9 +6,10 @@ r"""Runs the paper's grid of experiments, then draws its figures and a results t
 Each run trains in ``OUT/<run name>`` (see ``experiments/train.py``). Running the command again
 continues the grid: an unfinished run resumes from its last checkpoint, a finished one with
 fewer epochs than ``--epochs`` is extended, one with as many is kept. A run folder holding
-more epochs or other settings is reported and left as it is; a run that diverges is recorded
-and the grid goes on. ``OUT/figures.png``, ``OUT/figures.pdf`` and ``OUT/results.md`` then
-describe every finished run in ``OUT``, each with its own number of epochs.
+more epochs, other settings or other files but no run is reported and left as it is; a run that
+diverges is recorded and the grid goes on. ``OUT/figures.png``, ``OUT/figures.pdf`` and
+``OUT/results.md`` then describe every finished run in ``OUT``, each with its own number of
+epochs.
 """
 
 from __future__ import annotations
@@ -44,33 +45,39 @@ def make_parser() -> argparse.ArgumentParser:
 def run_config(base: config_lib.RunConfig, out: str, run: config_lib.PaperRun):
   """One grid run's `RunConfig`: the shared flags with the run's own settings."""
   return dataclasses.replace(base, model=run.model, mode=run.mode, optimizer=run.optimizer,
-                             lr=run.lr, tau_prox=run.tau_prox, out=os.path.join(out, run.name),
-                             resume=True)
+                             lr=run.lr, tau_prox=run.tau_prox, out=os.path.join(out, run.name))
 
 
-def plan(config) -> tuple[bool, str]:
-  """Whether the grid trains this run now, and what it says about it."""
+def plan(config) -> tuple[config_lib.RunConfig | None, str]:
+  """What the grid trains for this run now (None: nothing), and what it says about it.
+
+  The config to train has ``resume`` set where the run's folder holds a run (``config`` comes
+  without it).
+  """
   state = records.run_state(config.out)
   if state.status == "new":
-    return True, "starting"
+    if os.path.isdir(config.out) and os.listdir(config.out):
+      return None, "holds other files but no run; not used, left as it is (move them away)"
+    return config, "starting"
   if state.config is None:
-    return False, "holds a summary.json but no config.json; not reused, left as it is"
+    return None, "holds a summary.json but no config.json; not reused, left as it is"
   changed = records.settings_differ({**config_lib.DEFAULTS, **state.config}, config,
                                     config_lib.RESUME_KEYS)
   if changed:
-    return False, (f"holds a run with other settings (setting: (run, grid)): {changed}; not "
-                   f"reused, reported as it is (move it away to rerun it)")
+    return None, (f"holds a run with other settings (setting: (run, grid)): {changed}; not "
+                  f"reused, reported as it is (move it away to rerun it)")
   if state.status == "diverged":
-    return False, f"diverged at epoch {state.summary['diverged_epoch']} before; recorded as such"
+    return None, f"diverged at epoch {state.summary['diverged_epoch']} before; recorded as such"
+  resume = dataclasses.replace(config, resume=True)
   if state.status == "started":
-    return True, f"resuming after epoch {state.epochs}"
+    return resume, f"resuming after epoch {state.epochs}"
   done = state.summary["epochs"]
   if done < config.epochs:
-    return True, f"finished with {done} epochs; extending to {config.epochs}"
+    return resume, f"finished with {done} epochs; extending to {config.epochs}"
   if done > config.epochs:
-    return False, (f"finished with {done} epochs, more than --epochs {config.epochs}; not "
-                   f"shortened, reported with its {done} epochs")
-  return False, "finished, kept"
+    return None, (f"finished with {done} epochs, more than --epochs {config.epochs}; not "
+                  f"shortened, reported with its {done} epochs")
+  return None, "finished, kept"
 
 
 def finished_runs(out: str, grid) -> list[dict]:
@@ -119,11 +126,10 @@ def run_grid(base: config_lib.RunConfig, out: str, grid) -> None:
   start = time.perf_counter()
   diverged = []
   for run in grid:
-    config = run_config(base, out, run)
-    train_now, what = plan(config)
+    todo, what = plan(run_config(base, out, run))
     print(f"== {run.name}: {plots.method_label(run.mode)}, {what}")
-    if train_now:
-      summary = train.run(config)
+    if todo is not None:
+      summary = train.run(todo)
       if summary.get("diverged"):
         diverged.append(run.name)
   print(f"grid done in {time.perf_counter() - start:.0f} s"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 
@@ -236,21 +237,56 @@ def load_model(run_dir: str, input_shape) -> tuple[nnx.Module, dict]:
 # ------------------------------------------------------------------------ the run, step by step
 
 
+def saved_epochs(epochs: int) -> str:
+  """``"epoch 1 is saved"``, ``"epochs 1-3 are saved"`` (``epochs`` ≥ 1)."""
+  return "epoch 1 is saved" if epochs == 1 else f"epochs 1-{epochs} are saved"
+
+
+def _listing(names, shown: int = 3) -> str:
+  """``"a, b, c and 2 more"``: the first ``shown`` names."""
+  more = f" and {len(names) - shown} more" if len(names) > shown else ""
+  return ", ".join(names[:shown]) + more
+
+
+def _refusal(out: str, state: records.RunState) -> str:
+  """Why a run without ``--resume`` may not use ``out``, which holds a run, and what to do."""
+  if state.status == "diverged":
+    return (f"{out} already holds a run that diverged in epoch "
+            f"{state.summary['diverged_epoch']}: choose another --out (resuming would repeat it)")
+  if state.status == "finished":
+    n = state.summary["epochs"]
+    return (f"{out} already holds a finished run ({n} epoch{'s' if n != 1 else ''}): pass "
+            f"--resume with --epochs above {n} to train it longer, or choose another --out")
+  saved = saved_epochs(state.epochs) if state.epochs else "interrupted before its first epoch"
+  return (f"{out} already holds an unfinished run ({saved}): pass --resume to continue it, or "
+          f"choose another --out")
+
+
 def check_run_dir(config) -> records.RunState:
   """Refuses an ``--out`` this run may not use, before anything slow happens.
 
-  Without ``--resume`` the folder must be new or empty; with it, a run there must have the
-  same settings (`RESUME_KEYS`; ``epochs`` may grow).
+  Without ``--resume`` the folder must not exist or be empty. ``--resume`` needs a run there
+  (its ``config.json``, the first file a run writes: a run interrupted before its first epoch
+  starts over) with the same settings (`RESUME_KEYS`; ``epochs`` may grow).
 
   Raises:
     RunDirError: saying what is there and what to do.
   """
   out, state = config.out, records.run_state(config.out)
+  names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if state.status == "new" and config.resume:
+    if names:
+      raise RunDirError(f"--resume: {out} holds no run, only other files "
+                        f"({_listing(names)}): choose another --out")
+    where = "is empty" if os.path.isdir(out) else "does not exist"
+    raise RunDirError(f"--resume: no run was started in {out} (it {where}): leave out "
+                      f"--resume to start one")
   if not config.resume:
-    if os.path.isdir(out) and os.listdir(out):
-      what = "a run" if state.status != "new" else "files"
-      raise RunDirError(f"{out} already holds {what}: pass --resume to continue it, or choose "
-                        f"another --out")
+    if state.status != "new":
+      raise RunDirError(_refusal(out, state))
+    if names:
+      raise RunDirError(f"{out} already holds files that are not a run "
+                        f"({_listing(names)}): choose another --out")
     return state
   if state.config is not None:
     # A setting missing from an older config.json had its default then.
@@ -284,8 +320,28 @@ def describe(config, splits, devices: Devices) -> str:
           f"{config.dataset}: {sizes} | {devices.describe()} | {config.out}")
 
 
+def start_run_dir(config, log=print) -> None:
+  """Writes ``config.json`` first (from then on the folder holds a run that ``--resume``
+  continues) and removes checkpoints whose save was interrupted.
+
+  orbax saves a checkpoint into a temporary folder (``N.orbax-checkpoint-tmp``) and renames it
+  once complete; after a kill in between, that folder is left, and orbax would remove it with
+  a warning of its own when it saves epoch N again.
+  """
+  os.makedirs(config.out, exist_ok=True)
+  records.write_config(config.out, config)
+  folder = os.path.join(config.out, records.CHECKPOINTS)
+  unfinished = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                      if ocp.utils.is_tmp_checkpoint(os.path.join(folder, n)))
+  for name in unfinished:
+    shutil.rmtree(os.path.join(folder, name))
+  if unfinished:
+    log(f"removed the unfinished checkpoint of an interrupted save: "
+        f"{', '.join(os.path.join(records.CHECKPOINTS, n) for n in unfinished)}")
+
+
 def restore_or_start(manager, model, optimizer, config, is_writer: bool) -> list[dict]:
-  """Restores the latest checkpoint (if any) and (re)writes the run's files to match it.
+  """Restores the latest checkpoint (if any) and rewrites the run's metrics to match it.
 
   Returns:
     the metrics of the epochs done so far.
@@ -294,8 +350,6 @@ def restore_or_start(manager, model, optimizer, config, is_writer: bool) -> list
   if manager.latest_step() is not None:
     metrics = _restore(manager, model, optimizer)["metrics"]
   if is_writer:
-    os.makedirs(config.out, exist_ok=True)
-    records.write_config(config.out, config)
     # From the checkpoint: drops an epoch logged after the last checkpoint, if any.
     records.write_jsonl(os.path.join(config.out, records.METRICS), metrics)
     if os.path.exists(os.path.join(config.out, records.SUMMARY)):
@@ -452,6 +506,8 @@ def run(config) -> dict:
       np.arange(len(train_y)), min(config.batch_size, len(train_y)), devices.count)]
   show_bar = not config.quiet and sys.stdout.isatty() and is_writer
 
+  if is_writer:
+    start_run_dir(config, log)
   with checkpoint_manager(config.out, config.keep_checkpoints) as manager:
     metrics = restore_or_start(manager, model, optimizer, config, is_writer)
     if metrics:

@@ -14,7 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import proxprop_jax as pp
-from experiments import cifar, data, plot, train
+from experiments import cifar, data, plot, records, train
+from experiments import config as config_lib
 from tests import helpers
 
 
@@ -100,7 +101,8 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_a_resumable_folder(tmp_pat
   assert helpers.read_metrics(early) == [] and helpers.checkpoint_epochs(early) == []
   done = len(helpers.read_metrics(late))
   assert done >= 1 and helpers.checkpoint_epochs(late)[-1] == done
-  assert said[late][0].startswith(f"interrupted: epochs 1-{done} are saved in {late}")
+  saved = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved"
+  assert said[late][0].startswith(f"interrupted: {saved} in {late}")
   assert not os.path.exists(os.path.join(late, "summary.json"))
 
   # Both folders: plotted as they are, then resumed with the printed command (fewer epochs).
@@ -110,6 +112,27 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_a_resumable_folder(tmp_pat
     argv = shlex.split(said[out][0].split("continue with: ")[1])[3:]
     cifar.main(argv + ["--epochs", str(epochs)])
     helpers.check_run_files(out, [], epochs=epochs)
+
+
+def test_the_interrupted_line_says_what_is_saved_and_the_command_that_goes_on(tmp_path):
+  out = str(tmp_path / "run")
+  argv = ["--dataset", "digits", "--out", out]
+  config = config_lib.RunConfig(dataset="digits", out=out)
+  command = shlex.join(["python", "-m", "experiments.cifar"] + argv)
+  # Stopped before the run wrote anything: the same command starts it (--resume would not).
+  assert cifar.interrupted_message(config, argv) == (
+      f"interrupted before the run started: nothing is saved in {out}; start it again with: "
+      f"{command}")
+  os.makedirs(out)
+  records.write_config(out, config)  # the first file a run writes
+  assert cifar.interrupted_message(config, argv) == (
+      f"interrupted: no epoch had finished; {out} is ready to start over; continue with: "
+      f"{command} --resume")
+  for epochs, saved in ((1, "epoch 1 is saved"), (3, "epochs 1-3 are saved")):
+    records.write_jsonl(os.path.join(out, "metrics.jsonl"),
+                        [{"epoch": e} for e in range(1, epochs + 1)])
+    assert cifar.interrupted_message(config, argv) == (
+        f"interrupted: {saved} in {out}; continue with: {command} --resume")
 
 
 @pytest.mark.parametrize("model", ["resnet", "vit"])

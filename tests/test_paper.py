@@ -11,6 +11,7 @@ from experiments import config as config_lib
 from experiments import data
 from experiments import paper
 from experiments import plots
+from experiments import records
 from tests import helpers
 
 GRID_FLAGS = ["--dataset", "digits", "--train-samples", "200", "--batch-size", "100", "--quiet"]
@@ -126,6 +127,21 @@ def test_extends_reports_other_settings_and_records_divergence(tmp_path, capsys)
   assert results_rows(out) == rows
   # Epochs differ between the runs: the figure's title does not claim one count.
   assert f"{k - 1}-10 epochs" in said
+
+
+def test_plan_starts_new_folders_resumes_runs_and_leaves_other_files_alone(tmp_path):
+  config = paper.run_config(config_lib.RunConfig(dataset="digits"), str(tmp_path),
+                            config_lib.PAPER_GRID[0])
+  assert paper.plan(config) == (config, "starting") and not config.resume
+  os.makedirs(config.out)
+  with open(os.path.join(config.out, "notes.txt"), "w") as f:
+    f.write("mine")
+  assert paper.plan(config) == (
+      None, "holds other files but no run; not used, left as it is (move them away)")
+  os.remove(os.path.join(config.out, "notes.txt"))
+  records.write_config(config.out, config)  # a run stopped before its first epoch
+  todo, what = paper.plan(config)
+  assert todo.resume and what == "resuming after epoch 0"
 
 
 def test_interrupted_grid_says_how_to_continue_and_continues(tmp_path, capsys, monkeypatch):

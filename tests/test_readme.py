@@ -1,22 +1,27 @@
-"""The README's quickstart and "Any Flax model" examples run as printed."""
+"""The README's quickstart and "Any Flax model" examples run as printed, and its test command
+is CI's."""
 
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+REPO = pathlib.Path(__file__).parents[1]
+README = REPO / "README.md"
 
 
 def test_quickstart_runs_as_printed_and_lowers_the_loss(tmp_path):
-  quickstart = re.search(r"## Quickstart.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+  quickstart, printed = re.search(r"## Quickstart.*?```python\n(.*?)```.*?```text\n(.*?)```",
+                                  README.read_text(), re.S).groups()
   assert quickstart.count("\n") <= 20
   script = tmp_path / "quickstart.py"
   script.write_text(quickstart)
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                        check=True).stdout
+  assert out == printed
   losses = [float(line.split()[1]) for line in out.strip().splitlines()]
   assert len(losses) == 5 and losses[-1] < losses[0]
 
@@ -41,12 +46,27 @@ def test_any_flax_model_examples_run_as_printed(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
   report, training, resnet_report = printed
-  # The reports are printed exactly as the README shows them (rerun the section's code and
-  # paste its output when a counterpart is added).
-  assert "\n".join(lines[:report.count("\n")]) + "\n" == report
+  # Everything is printed exactly as the README shows it (rerun the section's code and paste
+  # its output when a counterpart is added): the reports, the losses and the diagnostics.
+  assert out.stdout == report + training + resnet_report + "ReusedParameterError\n"
   losses = [float(line.split()[1]) for line in lines if re.fullmatch(r"\d \S+", line)]
   assert len(losses) == 5 and losses[-1] < losses[0]
-  diagnosed = [line.split()[0] for line in lines if "'relative_residual'" in line]
-  assert diagnosed == [line.split()[0] for line in training.splitlines() if "{" in line]
-  assert "\n".join(lines).find(resnet_report.strip()) >= 0
-  assert lines[-1] == "ReusedParameterError"
+
+
+def _pytest_command(text: str) -> list:
+  """The arguments of the ``python -m pytest`` command in ``text``."""
+  line = re.search(r"python -m pytest .*", text).group(0)
+  return shlex.split(line)
+
+
+def test_the_readme_test_command_is_cis_and_pytest_runs_without_xdist():
+  ci = _pytest_command((REPO / ".ci" / "run").read_text())
+  assert _pytest_command(README.read_text()) == ci
+  assert {"-n", "--dist", "-W"} <= set(ci) and "error::FutureWarning" in ci
+  # Without pytest-xdist (or its options) the tests run in one process.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-q",
+                         "tests/test_cli.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert re.search(r"\b\d+ passed in\b", proc.stdout), proc.stdout[-3000:]

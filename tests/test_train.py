@@ -4,8 +4,11 @@ Runs are tiny (200 digits, 2 steps per epoch): these tests check the plumbing an
 not the paper's numbers.
 """
 
+import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -41,18 +44,28 @@ def test_first_lines_say_what_runs_then_how_long_it_compiled(tmp_path, capsys):
                   f"--resume to train it longer\n")
 
 
-def test_non_empty_out_is_refused_before_any_data_is_loaded(tmp_path):
-  out = tmp_path / "run"
+def test_an_out_without_a_run_is_refused_before_any_data_is_loaded(tmp_path):
+  # Other files: with or without --resume; --resume where no run was started. Each refusal
+  # says what the folder holds and the choice that works there.
+  out, new = tmp_path / "run", tmp_path / "new"
   out.mkdir()
   (out / "notes.txt").write_text("mine")
   prepared = tmp_path / "tfds"
   prepared.mkdir()  # nothing prepared there: loading the data would fail
-  with pytest.raises(SystemExit, match=f"{out} already holds files: pass --resume"):
-    cifar.main(["--data-dir", str(prepared), "--out", str(out)])
-  assert os.listdir(out) == ["notes.txt"]
+  refusals = [
+      (out, [], f"{out} already holds files that are not a run (notes.txt): choose another --out"),
+      (out, ["--resume"], f"--resume: {out} holds no run, only other files (notes.txt): choose "
+                          f"another --out"),
+      (new, ["--resume"], f"--resume: no run was started in {new} (it does not exist): leave out "
+                          f"--resume to start one")]
+  for folder, extra, said in refusals:
+    with pytest.raises(SystemExit) as exit_info:
+      cifar.main(["--data-dir", str(prepared), "--out", str(folder)] + extra)
+    assert exit_info.value.code == f"error: {said}"  # Python prints it and exits with 1
+  assert os.listdir(out) == ["notes.txt"] and not new.exists()
 
 
-def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, capsys, caplog):
   whole, split, killed = (str(tmp_path / n) for n in ("whole", "split", "killed"))
   cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", whole])
   cifar.main(RESUME_FLAGS + ["--epochs", "1", "--out", split])
@@ -71,10 +84,27 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as exit_info:
     cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", killed])
   assert exit_info.value.code == 130
+  assert capsys.readouterr().err.startswith(
+      f"\ninterrupted: epoch 1 is saved in {killed}; continue with: python -m experiments.cifar")
   monkeypatch.setattr(train.data_lib, "epoch_order", real_order)
   assert [m["epoch"] for m in helpers.read_metrics(killed)] == [1]
   assert not os.path.exists(os.path.join(killed, "summary.json"))
-  cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", killed, "--resume"])
+  with pytest.raises(SystemExit, match=re.escape(
+      f"{killed} already holds an unfinished run (epoch 1 is saved): pass --resume to continue "
+      f"it, or choose another --out")):
+    cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", killed])
+  # What a kill during the save of epoch 2 leaves: orbax's temporary folder, not renamed into
+  # place. The resume removes it, says so, and no warning of orbax's shows.
+  checkpoints = os.path.join(killed, "checkpoints")
+  shutil.copytree(os.path.join(checkpoints, "1"),
+                  os.path.join(checkpoints, "2.orbax-checkpoint-tmp"))
+  capsys.readouterr()
+  with caplog.at_level(logging.WARNING):
+    cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", killed, "--resume"])
+  assert ("removed the unfinished checkpoint of an interrupted save: "
+          "checkpoints/2.orbax-checkpoint-tmp") in capsys.readouterr().out.splitlines()
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+  assert sorted(os.listdir(checkpoints)) == ["1", "2"]
 
   _, expected, expected_summary = helpers.read_run(whole)
   for out in (split, killed):
@@ -88,7 +118,9 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
 def test_resume_refuses_other_settings_and_rerun_refuses_to_overwrite(tmp_path):
   out = str(tmp_path / "run")
   cifar.main(RESUME_FLAGS + ["--epochs", "1", "--out", out, "--model", "convnet"])
-  with pytest.raises(SystemExit, match="--resume to continue"):
+  with pytest.raises(SystemExit, match=re.escape(
+      f"{out} already holds a finished run (1 epoch): pass --resume with --epochs above 1 to "
+      f"train it longer, or choose another --out")):
     cifar.main(RESUME_FLAGS + ["--epochs", "1", "--out", out])
   with pytest.raises(SystemExit, match="'lr': \\(0.001, 0.1\\)"):
     cifar.main(RESUME_FLAGS + ["--epochs", "2", "--out", out, "--lr", "0.1", "--resume"])
@@ -123,6 +155,9 @@ def test_a_diverging_run_stops_says_so_and_keeps_its_last_finite_checkpoint(tmp_
     cifar.main(flags + ["--resume"])
   assert exit_info.value.code == 3
   assert f"this run diverged in epoch {k}" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match=re.escape(
+      f"{out} already holds a run that diverged in epoch {k}: choose another --out")):
+    cifar.main(flags)
   assert helpers.checkpoint_epochs(out)[-1] == k - 1
 
 
