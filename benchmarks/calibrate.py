@@ -8,8 +8,8 @@ differently: a Cholesky factorisation and an ``eigh`` (per ``n³``), a triangula
 its ``n²k`` FLOPs), one CG step's vector updates and one step of the eigenbasis recurrence
 (per ``n·k`` element). Each constant is that time divided by the product's time per FLOP.
 It prints the measured constants next to the ones in use, in the form of ``COSTS``, and the
-plans both give for the paper's layers: paste the dictionary into ``planner.COSTS`` for a
-new backend when the plans differ.
+plans both give for every layer of the paper's MLP and ConvNet, the ResNet and the ViT
+(batch 500): paste the dictionary into ``planner.COSTS`` when the plans differ.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from proxprop_jax import layers, planner, solvers
+from proxprop_jax import planner, solvers
 from proxprop_jax.modes import parse_mode
 
 
@@ -67,15 +67,26 @@ def measure(n: int, k: int, repeats: int) -> dict:
   }
 
 
-def paper_problems() -> dict:
-  """The hidden layers of the paper's models at batch 500."""
-  conv = lambda shape, cin, cout: layers.Conv(True, (5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1))\
-      .problem((500, *shape, cin), (5, 5, cin, cout), devices=1)
-  return {"mlp 3072-4000": layers.Dense(True).problem((500, 3072), (3072, 4000), 1),
-          "mlp 4000-1000": layers.Dense(True).problem((500, 4000), (4000, 1000), 1),
-          "conv 32x32x3-16": conv((32, 32), 3, 16),
-          "conv 16x16x16-20": conv((16, 16), 16, 20),
-          "conv 8x8x20-20": conv((8, 8), 20, 20)}
+def model_problems(names=("mlp", "convnet", "resnet", "vit"), batch_size: int = 500) -> dict:
+  """``{"model: layer sizes": Problem}``: every distinct system the layers of these models
+  (`benchmarks.common`'s, batch ``batch_size``) plan a direction for, recorded by tracing
+  one backward pass (`planner.recording`)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+
+  problems = {}
+  x = jax.ShapeDtypeStruct((batch_size, *common.INPUT_SHAPE), jnp.float32)
+  y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  for name in names:
+    step, state = common.train_step(*common.build(name, "prox_exact"))
+    with planner.recording() as recorded:
+      jax.eval_shape(step, state, x, y)
+    for problem, _ in recorded:
+      label = (f"{name}: B={problem.blocks} rows={problem.rows} p={problem.params} "
+               f"k={problem.columns}")
+      problems.setdefault(label, problem)
+  return problems
 
 
 def main(argv=None) -> int:
@@ -83,29 +94,30 @@ def main(argv=None) -> int:
   parser.add_argument("--size", type=int, default=512, help="n of the n × n system")
   parser.add_argument("--columns", type=int, default=1024, help="k right-hand sides")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--models", default="mlp,convnet,resnet,vit",
+                      help="whose layers' plans to show (comma-separated)")
   args = parser.parse_args(argv)
   backend = jax.default_backend()
-  kind = "cpu" if backend == "cpu" else "accelerator"
   measured = measure(args.size, args.columns, args.repeats)
-  in_use = planner.COSTS[kind]
+  in_use = planner.COSTS.get(backend) or planner.COSTS["accelerator"]
   print(f"device: {jax.devices()[0].device_kind} ({backend}); n={args.size}, k={args.columns}, "
         f"median of {args.repeats} interleaved runs\n")
-  print(f"| constant | in use (COSTS[{kind!r}]) | measured |\n|---|---|---|")
+  print(f"| constant | in use for {backend!r} | measured |\n|---|---|---|")
   for name, value in measured.items():
     print(f"| {name} | {in_use[name]:g} | {value:.3g} |")
-  print(f"\nCOSTS[{kind!r}] = dict(" + ", ".join(f"{k}={v:.3g}" for k, v in measured.items())
-        + ")\n")
+  print(f"\nCOSTS[{backend!r}] = dict(" + ", ".join(f"{k}={v:.3g}" for k, v in measured.items())
+        + f", unroll_steps={in_use['unroll_steps']})\n")
+  changed = 0
   print("| layer | mode | plan with the constants in use | plan with the measured ones |")
   print("|---|---|---|---|")
-  for name, problem in paper_problems().items():
+  for label, problem in model_problems(args.models.split(","), 500).items():
     for mode in map(parse_mode, ("prox_exact", "prox_cg3", "prox_cg10")):
       now = planner.plan(problem, mode, backend)
-      planner.COSTS["measured"] = measured
-      try:
-        new = planner.plan.__wrapped__(problem, mode, "measured")
-      finally:
-        del planner.COSTS["measured"]
-      print(f"| {name} | {mode.name} | {now} | {new} |")
+      with planner.planning(backend, **measured):
+        new = planner.plan(problem, mode)
+      changed += now != new
+      print(f"| {label} | {mode.name} | {now} | {new}{' ← differs' if now != new else ''} |")
+  print(f"\n{changed} plan(s) differ")
   return 0
 
 
