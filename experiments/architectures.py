@@ -33,7 +33,7 @@ from experiments import train
 MODELS = ("resnet", "vit", "convnet")
 PROX_MODES = ("prox_exact", "prox_cg3")
 SHARED_FLAGS = ("dataset", "epochs", "batch_size", "train_samples", "data_dir", "parallel",
-                "keep_checkpoints", "quiet", "lr")
+                "keep_checkpoints", "quiet", "lr", "compile_cache")
 # Chosen so that the whole digits grid (63 runs) takes at most ~25 minutes on 2 CPU cores.
 DEFAULTS = dict(dataset="digits", epochs=8, batch_size=100, lr=1e-3, quiet=True,
                 keep_checkpoints=1)

@@ -15,6 +15,7 @@ import os
 from typing import NamedTuple
 
 import proxprop_jax as pp
+from experiments import compile_cache
 from experiments import models
 from experiments import optimizers
 
@@ -103,6 +104,10 @@ class RunConfig:
   diagnostics: bool = flag(False, "log pp.diagnostics of every ProxProp layer (solve residual, "
                            "cosine to the gradient, ...) on the first mini-batch after every "
                            "epoch", action="store_true")
+  compile_cache: str | None = flag(compile_cache.DEFAULT, "JAX's persistent compilation cache "
+                                   "(with XLA's GPU autotuning): reruns, resumed runs and a "
+                                   "grid's other runs compile from it", metavar="DIR",
+                                   negation="--no-compile-cache")
 
 
 # Settings that must match for --resume to continue a run. Not in it: epochs (a run can be
@@ -124,8 +129,12 @@ def add_flags(parser: argparse.ArgumentParser, names=tuple(FIELDS), **defaults) 
   for name in names:
     field = FIELDS[name]
     kwargs = dict(field.metadata)
+    negation = kwargs.pop("negation", None)  # a second flag that sets the field to None
     parser.add_argument("--" + name.replace("_", "-"), default=defaults.get(name, field.default),
                         **kwargs)
+    if negation:
+      parser.add_argument(negation, dest=name, action="store_const", const=None,
+                          help=f"no {name.replace('_', ' ')}")
 
 
 def from_args(args: argparse.Namespace, **overrides) -> RunConfig:

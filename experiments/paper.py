@@ -27,7 +27,7 @@ from experiments import records
 from experiments import train
 
 SHARED_FLAGS = ("dataset", "epochs", "batch_size", "train_samples", "data_dir", "seed",
-                "parallel", "keep_checkpoints", "quiet")
+                "parallel", "keep_checkpoints", "quiet", "compile_cache")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import proxprop_jax as pp
 
+from experiments import compile_cache
 from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models
@@ -128,8 +129,14 @@ class Devices:
     return self.feed(arrays) if self.kind == "sharded" else arrays
 
   def place(self, model, optimizer):
+    """Puts the state where the step reads it: replicated over the mesh (sharded), or
+    committed to the one device as a restored checkpoint is, so that a fresh run and its
+    resumption compile the same programs (a compile-cache hit)."""
     if self.kind == "sharded":
       self.parallel.replicate((model, optimizer), self.mesh)
+    elif self.kind == "none":
+      state = nnx.state((model, optimizer))
+      nnx.update((model, optimizer), jax.device_put(state, jax.devices()[0]))
 
   def train_step(self):
     """The training step for these devices (compiled on its first call)."""
@@ -316,8 +323,10 @@ def describe(config, splits, devices: Devices) -> str:
   """The first line a run prints: what trains, on what, with what data, into which folder."""
   tau = "" if config.mode == "backprop" else f", tau {config.tau_prox:g}"
   sizes = " / ".join(f"{len(splits[s][1])} {s}" for s in ("train", "val", "test"))
+  cache = ("no compile cache" if config.compile_cache is None else
+           f"compile cache {os.path.abspath(os.path.expanduser(config.compile_cache))}")
   return (f"{config.model} {config.mode}{tau}, {config.optimizer} lr {config.lr:g} | "
-          f"{config.dataset}: {sizes} | {devices.describe()} | {config.out}")
+          f"{config.dataset}: {sizes} | {devices.describe()} | {config.out} | {cache}")
 
 
 def start_run_dir(config, log=print) -> None:
@@ -496,6 +505,7 @@ def run(config) -> dict:
     log(done_message(config, state))
     return state.summary
 
+  compile_cache.use(config.compile_cache)  # before the run's first compile
   devices = Devices(config.parallel)
   splits = load_data(config)
   train_x, train_y = splits["train"]

@@ -35,7 +35,10 @@ def init_prox(module, mode, tau_prox, axis_name, solve_precision) -> None:
   """Sets a ProxProp NNX layer's ``mode``, ``tau_prox``, ``axis_name``, ``solve_precision``."""
   settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision)
   module.mode = settings.mode
-  module.tau_prox = TauProx(jnp.asarray(settings.tau_prox))
+  # Strongly typed (the default float dtype): a checkpoint restores it so, and a weakly typed
+  # value would make the restored model's step another program (a recompile on resume).
+  module.tau_prox = TauProx(jnp.asarray(settings.tau_prox,
+                                        jax.dtypes.canonicalize_dtype(jnp.float64)))
   module.axis_name = settings.axis_name
   module.solve_precision = settings.solve_precision
 
@@ -188,8 +191,10 @@ def check_linear(module: nnx.Module, *args, seed: int = 0, rtol: float = 1e-4) -
        for k, l in zip(ks, leaves)])
   a, b = draw(keys[::2]), draw(keys[1::2])
   f = lambda p: jax.tree.leaves(nnx.merge(graphdef, p, rest)(*args))
-  combined = f(jax.tree.map(lambda a, b: a + 2 * b, a, b))
-  expected = [fa + 2 * fb for fa, fb in zip(f(a), f(b))]
+  # In true float32: the default precision (TF32 on a GPU) would add its own rounding, ~1e-4.
+  with jax.default_matmul_precision("highest"):
+    combined = f(jax.tree.map(lambda a, b: a + 2 * b, a, b))
+    expected = [fa + 2 * fb for fa, fb in zip(f(a), f(b))]
   num = sum(float(np.sum(np.square(np.asarray(c - e, np.float64))))
             for c, e in zip(combined, expected))
   den = sum(float(np.sum(np.square(np.asarray(e, np.float64)))) for e in expected)

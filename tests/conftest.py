@@ -2,6 +2,7 @@
 (lineax style)."""
 
 import os
+import tempfile
 import time
 
 from tests import helpers
@@ -11,6 +12,10 @@ os.environ["XLA_FLAGS"] = helpers.xla_flags(os.environ.get("XLA_FLAGS", "")).str
 # `pytest -n N` on a GPU machine: N test processes share the GPU, so each allocates what it
 # uses instead of JAX's default 75% of the GPU's memory up front (the second would not get it).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The runs the tests start (in these processes and in subprocesses) keep their persistent
+# compilation cache in one folder of this test session, never in the user's ~/.cache.
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(), f"proxprop_jax_tests_{_SESSION}")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from experiments import cifar, data, train
+from experiments import compile_cache
 from experiments import config as config_lib
 from tests import helpers
 
@@ -29,8 +31,9 @@ def test_first_lines_say_what_runs_then_how_long_it_compiled(tmp_path, capsys):
                              "--tau-prox", "0.05", "--epochs", "3", "--keep-checkpoints", "1",
                              "--out", out])
   lines = capsys.readouterr().out.splitlines()
+  cache = os.path.abspath(os.path.expanduser(compile_cache.DEFAULT))
   assert lines[0] == ("mlp prox_cg3, tau 0.05, nesterov lr 0.5 | digits: 200 train / 250 val / "
-                      f"250 test | 1 x cpu (cpu), parallel=none | {out}")
+                      f"250 test | 1 x cpu (cpu), parallel=none | {out} | compile cache {cache}")
   assert lines[1].startswith("compiling… ") and lines[1].endswith(" s")
   assert float(lines[1].split()[1]) > 0
   assert lines[2].startswith("epoch   1/3")
@@ -42,6 +45,34 @@ def test_first_lines_say_what_runs_then_how_long_it_compiled(tmp_path, capsys):
   said = capsys.readouterr().out
   assert said == (f"{out}: this run is finished (3 epochs); pass --epochs above 3 with "
                   f"--resume to train it longer\n")
+
+
+@pytest.fixture
+def own_compile_cache():
+  """Puts this process's compilation cache back as it was after the test."""
+  before = jax.config.jax_compilation_cache_dir
+  yield
+  compile_cache.use(before)
+
+
+@pytest.mark.usefixtures("own_compile_cache")
+def test_a_resumed_run_compiles_every_program_from_the_cache_the_first_run_wrote(tmp_path,
+                                                                               capsys):
+  cache, out = tmp_path / "cache", str(tmp_path / "run")
+  flags = RESUME_FLAGS + ["--model", "mlp", "--out", out, "--compile-cache", str(cache)]
+  jax.clear_caches()  # each run as in a new process: nothing compiled in memory before it
+  cifar.main(flags + ["--epochs", "1"])
+  assert capsys.readouterr().out.splitlines()[0].endswith(f"| {out} | compile cache {cache}")
+  written = sorted(os.listdir(cache))
+  assert any(name.startswith("jit_train_step") for name in written), written
+  jax.clear_caches()
+  cifar.main(flags + ["--epochs", "2", "--resume"])
+  assert sorted(os.listdir(cache)) == written  # nothing compiled anew: all from the cache
+  cifar.main(RESUME_FLAGS + ["--model", "mlp", "--out", str(tmp_path / "other"),
+                             "--epochs", "1", "--no-compile-cache"])
+  headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mlp ")]
+  assert headers[-1].endswith(f"| {tmp_path / 'other'} | no compile cache")
+  assert jax.config.jax_compilation_cache_dir is None
 
 
 def test_an_out_without_a_run_is_refused_before_any_data_is_loaded(tmp_path):
