@@ -8,7 +8,8 @@
 #                       MLP variants of the solve compared in the same process: CG unrolled
 #                       (prox_cgN/unroll) and 3-pass solve precisions (prox_*/tf32_..., bf16_...)
 #   vit.md              the ViT, batch 500
-#   batch4096.md        the MLP at batch 4096 (the FLOP floor of RESULTS.md section 4)
+#   batch4096.md        the MLP at batch 4096 (the FLOP floor of RESULTS.md section 4), then
+#                       MLP steps compiled with XLA's autotuning off (where a compile goes)
 #   calibrate.md        the planner's cost constants measured here, and the plans they give
 #   --- then, at once (their numbers do not depend on the timing of the others):
 #   accuracy.md         every mode's direction against float64 at every solve_precision
@@ -42,15 +43,19 @@ print('GPU:', d.device_kind, 'jax', jax.__version__)" || exit 1
 MODES=backprop,gradient,prox_exact,prox_cg1,prox_cg3,prox_cg10
 VARIANTS=prox_cg3/unroll,prox_cg10/unroll,prox_exact/tf32_tf32_f32_x3,prox_cg3/tf32_tf32_f32_x3
 VARIANTS=$VARIANTS,prox_cg3/bf16_bf16_f32_x3
-part step_time 150 step_time.md python -m benchmarks.step_time --model mlp \
+part step_time 140 step_time.md python -m benchmarks.step_time --model mlp \
   --modes "$MODES,$VARIANTS" --repeats 20 --warmup 2 --json "$OUT/step_time.json"
 part step_time_convnet 50 step_time_convnet.tmp.md python -m benchmarks.step_time \
   --model convnet --modes "$MODES" --repeats 20 --warmup 2
 cat "$OUT/step_time_convnet.tmp.md" >>"$OUT/step_time.md" && rm "$OUT/step_time_convnet.tmp.md"
-part vit 40 vit.md python -m benchmarks.step_time --model vit \
+part vit 35 vit.md python -m benchmarks.step_time --model vit \
   --modes backprop,gradient,prox_exact,prox_cg1,prox_cg3 --repeats 15
 part batch4096 35 batch4096.md python -m benchmarks.step_time --model mlp --batch-size 4096 \
   --modes backprop,prox_exact,prox_cg3,prox_cg3/tf32_tf32_f32_x3 --repeats 10
+# Where a first compile goes: the same steps with XLA's autotuning off (their compile times).
+part no_autotune 30 no_autotune.tmp.md env XLA_FLAGS=--xla_gpu_autotune_level=0 \
+  python -m benchmarks.step_time --model mlp --modes backprop,prox_exact,prox_cg3 --repeats 3
+cat "$OUT/no_autotune.tmp.md" >>"$OUT/batch4096.md" && rm "$OUT/no_autotune.tmp.md"
 part calibrate 20 calibrate.md python -m benchmarks.calibrate
 
 part accuracy 65 accuracy.md python -m benchmarks.accuracy --taus 1 \
