@@ -280,7 +280,7 @@ def _new_layer(module, counterpart, settings):
     # axis_name is the batch axis of the solve, and the statistics' is stats_axis_name.
     object.__setattr__(layer, "stats_axis_name", module.axis_name)
   pp_nnx.init_prox(layer, settings.mode, settings.tau_prox, settings.axis_name,
-                   settings.solve_precision)
+                   settings.solve_precision, settings.distribute_solves)
   check = getattr(layer, "check_convertible", None)
   if check is not None:
     check()
@@ -299,13 +299,14 @@ def _sharing_note(node: Node, params) -> str:
 
 
 def convert(model, *, mode, tau_prox, axis_name=None, include: Selector = None,
-            exclude: Selector = None, solve_precision=ops.SOLVE_PRECISION) -> Report:
+            exclude: Selector = None, solve_precision=ops.SOLVE_PRECISION,
+            distribute_solves: bool = False) -> Report:
   """Converts an NNX model's flax layers to their ProxProp counterparts, in place.
 
   Args:
     model: an ``nnx.Module`` (its layers are converted, not the model object itself).
-    mode, tau_prox, axis_name, solve_precision: the settings of every converted layer
-      (as ``pp.Linear``'s).
+    mode, tau_prox, axis_name, solve_precision, distribute_solves: the settings of every
+      converted layer (as ``pp.Linear``'s).
     include: convert only layers whose path (``'/'``-joined, e.g. ``'blocks/0/mlp/layers/0'``)
       or a container's path matches one of these ``fnmatch`` patterns; or a predicate
       ``(path, module) -> bool``. None: every layer.
@@ -319,7 +320,8 @@ def convert(model, *, mode, tau_prox, axis_name=None, include: Selector = None,
     holds too is flagged as tied (calling both in one step raises, see
     `proxprop_jax.reuse`).
   """
-  settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision)
+  settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision,
+                                       distribute_solves)
   check_selector("include", include)
   check_selector("exclude", exclude)
   table = counterparts()

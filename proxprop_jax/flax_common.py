@@ -21,7 +21,7 @@ class ProxLayer:
   """Marker base class of every ProxProp layer (NNX and Linen).
 
   A ProxProp layer has the attributes ``mode`` (a mode string), ``tau_prox``,
-  ``axis_name`` and ``solve_precision``. The ``__call__`` of every NNX subclass
+  ``axis_name`` and ``solve_precision`` (NNX layers also ``distribute_solves``). The ``__call__`` of every NNX subclass
   refuses parameters used twice in one differentiated function (`reuse`).
   """
 
@@ -39,14 +39,16 @@ class ProxSettings:
   tau_prox: float
   axis_name: Any
   solve_precision: Any
+  distribute_solves: bool = False
 
 
-def prox_settings(mode, tau_prox, axis_name=None,
-                  solve_precision=ops.SOLVE_PRECISION) -> ProxSettings:
+def prox_settings(mode, tau_prox, axis_name=None, solve_precision=ops.SOLVE_PRECISION,
+                  distribute_solves=False) -> ProxSettings:
   """Validates a layer's ProxProp settings (a bad value raises at construction)."""
-  cfg = ops.config(mode, axis_name, solve_precision=solve_precision)
+  cfg = ops.config(mode, axis_name, solve_precision=solve_precision,
+                   distribute_solves=distribute_solves)
   return ProxSettings(parse_mode(mode).name, check_tau(tau_prox), cfg.axis_name,
-                      cfg.solve_precision)
+                      cfg.solve_precision, cfg.distribute_solves)
 
 
 def check_conv_options(cls_name: str, input_dilation, mask) -> None:

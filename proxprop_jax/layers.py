@@ -89,6 +89,11 @@ class Dense:
     kernel = d[0, : kernel_shape[0]]
     return kernel, (d[0, -1] if self.use_bias else None)
 
+  def dim_groups(self, kernel_ndim: int):
+    """The kernel dims that index the systems' blocks, parameters and columns ``(B, p, k)``
+    (each group flattened in C order; `sharding` splits the solve by them)."""
+    return (), (0,), (1,)
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -148,6 +153,11 @@ class Conv:
   def from_columns(self, d, kernel_shape):
     kernel = d[:, : d.shape[1] - self.use_bias].transpose(1, 0, 2).reshape(kernel_shape)
     return kernel, (d[:, -1].reshape(-1) if self.use_bias else None)
+
+  def dim_groups(self, kernel_ndim: int):
+    """As `Dense.dim_groups`; with ``groups > 1`` the output channels index the blocks."""
+    params, out = tuple(range(kernel_ndim - 1)), (kernel_ndim - 1,)
+    return (out, params, ()) if self.groups > 1 else ((), params, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +234,10 @@ class NormAffine:
     cotangents = jax.linear_transpose(product, scale, bias)(g)
     return jnp.stack([v for v in cotangents if v is not None], axis=-1)[..., None]
 
+  def dim_groups(self, ndim: int = 1):
+    """As `Dense.dim_groups`, for ``scale`` (else ``bias``): the features are the blocks."""
+    return (0,), (), ()
+
   def from_columns(self, d):
     """``(scale, bias)`` directions, ``(F,)`` each (None where the layer has none)."""
     return (d[:, 0, 0] if self.use_scale else None), (d[:, -1, 0] if self.use_bias else None)
@@ -258,6 +272,11 @@ class Embed:
     (counts,) = jax.linear_transpose(lookup, jax.ShapeDtypeStruct((self.num_embeddings,), dtype))(
         jnp.ones_like(ids, dtype))
     return counts
+
+  def dim_groups(self, ndim: int = 2):
+    """As `Dense.dim_groups`, for the table: its ``d`` columns (the diagonal system never
+    mixes the ``V`` rows, so they count as none)."""
+    return (), (), (1,)
 
   def gradient(self, ids, g):
     """``Aᵀg``, ``(V, d)``: the rows of ``g`` summed per token."""
@@ -333,6 +352,11 @@ class DenseGeneral:
     b, _, k = self._split(kernel.shape)
     return _append_bias(kernel.reshape(self._split(kernel.shape)),
                         None if bias is None else bias.reshape(b, k))
+
+  def dim_groups(self, kernel_ndim: int):
+    """As `Dense.dim_groups`, for the kernel ``(*blocks, *contracted, *features)``."""
+    nb, nc = self.blocks, self.contracted
+    return (tuple(range(nb)), tuple(range(nb, nb + nc)), tuple(range(nb + nc, kernel_ndim)))
 
   def from_columns(self, d, kernel_shape):
     nb, nc, p0 = self.blocks, self.contracted, self._split(kernel_shape)[1]

@@ -2,7 +2,7 @@
 
 `Linear` and `Conv` subclass ``nnx.Linear`` and ``nnx.Conv``: same arguments,
 parameters (``kernel``, ``bias``), shapes and initialisers, plus ``mode``,
-``tau_prox``, ``axis_name`` and ``solve_precision``. A model swaps the flax layer
+``tau_prox``, ``axis_name``, ``solve_precision`` and ``distribute_solves``. A model swaps the flax layer
 for these and nothing else changes. `prox_module` does the same for any NNX
 module that is linear in its parameters, through the matrix-free
 `proxprop_jax.proximal`.
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 
-from proxprop_jax import flax_common, ops, solvers
+from proxprop_jax import flax_common, ops, sharding, solvers
 from proxprop_jax.flax_common import ProxLayer
 from proxprop_jax.modes import check_tau
 
@@ -31,9 +31,12 @@ class TauProx(nnx.Variable):
   """The proximal step size ``τ`` of a ProxProp layer: a non-trainable scalar."""
 
 
-def init_prox(module, mode, tau_prox, axis_name, solve_precision) -> None:
-  """Sets a ProxProp NNX layer's ``mode``, ``tau_prox``, ``axis_name``, ``solve_precision``."""
-  settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision)
+def init_prox(module, mode, tau_prox, axis_name, solve_precision,
+              distribute_solves=False) -> None:
+  """Sets a ProxProp NNX layer's ``mode``, ``tau_prox``, ``axis_name``, ``solve_precision``,
+  ``distribute_solves``."""
+  settings = flax_common.prox_settings(mode, tau_prox, axis_name, solve_precision,
+                                       distribute_solves)
   module.mode = settings.mode
   # Strongly typed (the default float dtype): a checkpoint restores it so, and a weakly typed
   # value would make the restored model's step another program (a recompile on resume).
@@ -41,12 +44,23 @@ def init_prox(module, mode, tau_prox, axis_name, solve_precision) -> None:
                                         jax.dtypes.canonicalize_dtype(jnp.float64)))
   module.axis_name = settings.axis_name
   module.solve_precision = settings.solve_precision
+  module.distribute_solves = settings.distribute_solves
 
 
 def prox_kwargs(module) -> dict:
-  """The keyword arguments of `ops.dense`/`ops.conv` for a ProxProp NNX layer."""
+  """The keyword arguments of `ops.proximal` for a ProxProp NNX layer."""
   return dict(mode=module.mode, tau_prox=module.tau_prox[...], axis_name=module.axis_name,
               solve_precision=module.solve_precision)
+
+
+def solve_kwargs(module, *params) -> dict:
+  """`prox_kwargs` without ``tau_prox`` (`_with_out_sharding` passes it), and how the solve
+  is split over a mesh: the sharding metadata of the layer's ``params`` (flax variables,
+  None where absent) and ``distribute_solves``."""
+  kwargs = dict(prox_kwargs(module), param_specs=sharding.specs_of(*params),
+                distribute_solves=module.distribute_solves)
+  del kwargs["tau_prox"]
+  return kwargs
 
 
 def set_tau_value(module, tau_prox) -> None:
@@ -57,10 +71,14 @@ def set_tau_value(module, tau_prox) -> None:
   module.tau_prox.set_value(jnp.full_like(module.tau_prox.get_value(), tau_prox))
 
 
-def _check_out_sharding(cls_name: str, out_sharding) -> None:
-  if out_sharding is not None:
-    raise ValueError(f"{cls_name} does not take out_sharding; shard the batch and let jit "
-                     f"propagate it (see the README's 'Several devices').")
+def _with_out_sharding(layer, out_sharding, module, *arrays):
+  """``layer(*arrays, tau)`` with ``module``'s ``τ``; with an ``out_sharding`` (a mesh with
+  Explicit axes, as flax's layers take it) it runs with the mesh's axes Auto and its output
+  sharded so, as ``nnx.Embed`` does (every array it reads is an argument)."""
+  arrays = (*arrays, module.tau_prox[...])
+  if out_sharding is None:
+    return layer(*arrays)
+  return jax.sharding.auto_axes(layer, out_sharding=out_sharding)(*arrays)
 
 
 def _check_default_products(cls_name: str, **custom) -> None:
@@ -80,19 +98,27 @@ class Linear(ProxLayer, nnx.Linear):
     tau_prox: the proximal step size ``τ > 0``.
     axis_name: the ``pmap``/``shard_map`` batch axis, or None.
     solve_precision: the precision of the products that compute the direction.
+    distribute_solves: under ``jit`` on a mesh, share the solve among the devices the
+      kernel is not split over (`proxprop_jax.sharding`).
+
+  The kernel's and bias's sharding metadata (``nnx.with_partitioning``) say how the solve
+  is split over a mesh.
   """
 
   def __init__(self, in_features: int, out_features: int, *, mode="prox_cg1", tau_prox=1.0,
-               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, distribute_solves=False,
+               **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision, distribute_solves)
     super().__init__(in_features, out_features, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
-    _check_out_sharding("pp.Linear", out_sharding)
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return ops.dense(inputs, kernel, bias, precision=self.precision, **prox_kwargs(self))
+    kwargs = solve_kwargs(self, self.kernel, self.bias)
+    return _with_out_sharding(
+        lambda x, k, b, tau: ops.dense(x, k, b, tau_prox=tau, precision=self.precision,
+                                       **kwargs), out_sharding, self, inputs, kernel, bias)
 
   def check_convertible(self) -> None:
     """Raises for ``nnx.Linear`` options this layer does not implement (`pp.convert`)."""
@@ -111,8 +137,8 @@ class Conv(ProxLayer, nnx.Conv):
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
                mode="prox_cg1", tau_prox=1.0, axis_name=None,
-               solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+               solve_precision=ops.SOLVE_PRECISION, distribute_solves=False, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision, distribute_solves)
     super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
     flax_common.check_conv_options("pp.Conv", self.input_dilation, self.mask)
 
@@ -124,13 +150,15 @@ class Conv(ProxLayer, nnx.Conv):
         preferred_element_type=self.preferred_element_type is not None)
 
   def __call__(self, inputs, out_sharding=None):
-    _check_out_sharding("pp.Conv", out_sharding)
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return flax_common.conv(inputs, kernel, bias, self.kernel_size, self.strides,
-                            self.padding, self.kernel_dilation, self.feature_group_count,
-                            precision=self.precision, **prox_kwargs(self))
+    kwargs = solve_kwargs(self, self.kernel, self.bias)
+    return _with_out_sharding(
+        lambda x, k, b, tau: flax_common.conv(
+            x, k, b, self.kernel_size, self.strides, self.padding, self.kernel_dilation,
+            self.feature_group_count, tau_prox=tau, precision=self.precision, **kwargs),
+        out_sharding, self, inputs, kernel, bias)
 
 
 def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
@@ -153,6 +181,7 @@ def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
 
     def __init__(self, *args, mode="prox_cg1", tau_prox=1.0, axis_name=None,
                  solve_precision=ops.SOLVE_PRECISION, **kwargs):
+      # Matrix-free: one CG over all parameters, no columns to share (distribute_solves).
       init_prox(self, mode, tau_prox, axis_name, solve_precision)
       super().__init__(*args, **kwargs)
 
@@ -221,16 +250,18 @@ class Embed(ProxLayer, nnx.Embed):
   """
 
   def __init__(self, num_embeddings: int, features: int, *, mode="prox_cg1", tau_prox=1.0,
-               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, distribute_solves=False,
+               **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision, distribute_solves)
     super().__init__(num_embeddings, features, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError("Input type must be an integer or unsigned integer.")
-    _check_out_sharding("pp.Embed", out_sharding)
     (embedding,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
-    return ops.embed(inputs, embedding, **prox_kwargs(self))
+    kwargs = solve_kwargs(self, self.embedding)
+    return _with_out_sharding(lambda i, e, tau: ops.embed(i, e, tau_prox=tau, **kwargs),
+                              out_sharding, self, inputs, embedding)
 
 
 def _init_norm(module, flax_cls, args, kwargs, prox_settings, stats_axis_name) -> None:
@@ -274,7 +305,9 @@ def _scale_and_bias(module):
 def _affine(module, x, xhat, scale, bias, feature_axes):
   """``x̂ ⊙ scale + bias`` through `ops.norm_affine`, in the flax layer's output dtype."""
   dtype = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
-  z = ops.norm_affine(xhat, scale, bias, feature_axes=feature_axes, **prox_kwargs(module))
+  z = ops.norm_affine(xhat, scale, bias, feature_axes=feature_axes,
+                      tau_prox=module.tau_prox[...],
+                      **solve_kwargs(module, module.scale, getattr(module, "bias", None)))
   return z.astype(dtype)
 
 
@@ -283,7 +316,8 @@ _NORM_DOC = """
   `proxprop_jax.norm_affine`: one 2×2 system per feature (1×1 with only scale or
   only bias) over every position that shares the feature. Same arguments,
   parameters and initialisers as the flax layer, plus ``mode``, ``tau_prox``,
-  ``axis_name`` (ProxProp's batch axis, as in `Linear`) and ``solve_precision``.
+  ``axis_name`` (ProxProp's batch axis, as in `Linear`), ``solve_precision`` and
+  ``distribute_solves``.
   The flax layer's own ``axis_name`` (the axis its statistics are averaged over)
   is ``stats_axis_name``, default {stats}.
 """
@@ -293,9 +327,10 @@ def _per_example_norm_init(flax_class):
   """The ``__init__`` of a ProxProp ``flax_class`` whose statistics are per example."""
 
   def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+               stats_axis_name=None, solve_precision=ops.SOLVE_PRECISION,
+               distribute_solves=False, **kwargs):
     _init_norm(self, flax_class, (num_features,), kwargs,
-               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+               (mode, tau_prox, axis_name, solve_precision, distribute_solves), stats_axis_name)
 
   return __init__
 
@@ -331,9 +366,9 @@ class GroupNorm(ProxLayer, nnx.GroupNorm):
 
   def __init__(self, num_features: int, num_groups=32, group_size=None, *, mode="prox_cg1",
                tau_prox=1.0, axis_name=None, stats_axis_name=None,
-               solve_precision=ops.SOLVE_PRECISION, **kwargs):
+               solve_precision=ops.SOLVE_PRECISION, distribute_solves=False, **kwargs):
     _init_norm(self, nnx.GroupNorm, (num_features, num_groups, group_size), kwargs,
-               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+               (mode, tau_prox, axis_name, solve_precision, distribute_solves), stats_axis_name)
 
   def __call__(self, x, *, mask=None):
     x, scale, bias = self.promote_dtype((x, *_scale_and_bias(self)), dtype=self.dtype)
@@ -355,11 +390,12 @@ class BatchNorm(ProxLayer, nnx.BatchNorm):
 """
 
   def __init__(self, num_features: int, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-               stats_axis_name=_LIKE_AXIS_NAME, solve_precision=ops.SOLVE_PRECISION, **kwargs):
+               stats_axis_name=_LIKE_AXIS_NAME, solve_precision=ops.SOLVE_PRECISION,
+               distribute_solves=False, **kwargs):
     if stats_axis_name is _LIKE_AXIS_NAME:
       stats_axis_name = axis_name
     _init_norm(self, nnx.BatchNorm, (num_features,), kwargs,
-               (mode, tau_prox, axis_name, solve_precision), stats_axis_name)
+               (mode, tau_prox, axis_name, solve_precision, distribute_solves), stats_axis_name)
 
   def __call__(self, x, use_running_average=None, *, mask=None):
     scale, bias = _scale_and_bias(self)
@@ -390,8 +426,9 @@ class LinearGeneral(ProxLayer, nnx.LinearGeneral):
   """
 
   def __init__(self, in_features, out_features, *, mode="prox_cg1", tau_prox=1.0,
-               axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+               axis_name=None, solve_precision=ops.SOLVE_PRECISION, distribute_solves=False,
+               **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision, distribute_solves)
     super().__init__(in_features, out_features, **kwargs)
     self._check_options()
 
@@ -401,14 +438,16 @@ class LinearGeneral(ProxLayer, nnx.LinearGeneral):
                     preferred_element_type=self.preferred_element_type)
 
   def __call__(self, inputs, out_sharding=None):
-    _check_out_sharding("pp.LinearGeneral", out_sharding)
     self._check_options()
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return ops.dense_general(inputs, kernel, bias, axis=self.axis,
-                             batch_dims=tuple(self.batch_axis.keys()), precision=self.precision,
-                             **prox_kwargs(self))
+    kwargs = solve_kwargs(self, self.kernel, self.bias)
+    return _with_out_sharding(
+        lambda x, k, b, tau: ops.dense_general(x, k, b, axis=self.axis,
+                                               batch_dims=tuple(self.batch_axis.keys()),
+                                               tau_prox=tau, precision=self.precision, **kwargs),
+        out_sharding, self, inputs, kernel, bias)
 
 
 class Einsum(ProxLayer, nnx.Einsum):
@@ -421,8 +460,9 @@ class Einsum(ProxLayer, nnx.Einsum):
   """
 
   def __init__(self, einsum_str, kernel_shape, bias_shape=None, *, mode="prox_cg1",
-               tau_prox=1.0, axis_name=None, solve_precision=ops.SOLVE_PRECISION, **kwargs):
-    init_prox(self, mode, tau_prox, axis_name, solve_precision)
+               tau_prox=1.0, axis_name=None, solve_precision=ops.SOLVE_PRECISION,
+               distribute_solves=False, **kwargs):
+    init_prox(self, mode, tau_prox, axis_name, solve_precision, distribute_solves)
     super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
     self._check_options()
 
@@ -432,11 +472,13 @@ class Einsum(ProxLayer, nnx.Einsum):
                     preferred_element_type=self.preferred_element_type)
 
   def __call__(self, inputs, einsum_str=None, out_sharding=None):
-    _check_out_sharding("pp.Einsum", out_sharding)
     self._check_options()
     einsum_str = self.einsum_str if einsum_str is None else einsum_str
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    return ops.einsum(einsum_str, inputs, kernel, bias, precision=self.precision,
-                      **prox_kwargs(self))
+    kwargs = solve_kwargs(self, self.kernel, self.bias)
+    return _with_out_sharding(
+        lambda x, k, b, tau: ops.einsum(einsum_str, x, k, b, tau_prox=tau,
+                                        precision=self.precision, **kwargs),
+        out_sharding, self, inputs, kernel, bias)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from proxprop_jax import contraction, direction, geometry, layers, planner, solvers, spmd
+from proxprop_jax import contraction, direction, geometry, layers, planner, sharding, solvers
+from proxprop_jax import spmd
 from proxprop_jax._recorder import Recorder
 from proxprop_jax.modes import Mode, check_tau, parse_mode
 
@@ -48,6 +49,10 @@ class Config:
     precision: the layer's own products (forward pass, input cotangent).
     solve_precision: every product that computes the direction.
     plan: a forced `planner.Plan`, or None to let `planner.plan` decide.
+    param_specs: the PartitionSpecs of the layer's parameters under ``jit`` on a mesh (kernel
+      and bias; table; scale and bias), None where not split (`sharding`).
+    distribute_solves: under ``jit`` on a mesh, share the solve's blocks or columns among
+      the devices the parameters are not split over, then all-gather the direction.
   """
 
   mode: Mode
@@ -55,18 +60,28 @@ class Config:
   precision: Any = None
   solve_precision: Any = SOLVE_PRECISION
   plan: planner.Plan | None = None
+  param_specs: tuple | None = None
+  distribute_solves: bool = False
 
 
 def config(mode, axis_name=None, precision=None, solve_precision=SOLVE_PRECISION,
-           plan=None) -> Config:
+           plan=None, param_specs=None, distribute_solves=False) -> Config:
   """A validated `Config`."""
   mode = parse_mode(mode)
   if plan is not None:
     if not isinstance(plan, planner.Plan):
       raise ValueError(f"plan must be a proxprop_jax.Plan or None; got {plan!r}.")
     plan.check(mode)
-  return Config(mode, spmd.check_axis_name(axis_name), _precision(precision),
-                _precision(solve_precision), plan)
+  if not isinstance(distribute_solves, bool):
+    raise ValueError(f"distribute_solves must be True or False; got {distribute_solves!r}.")
+  axis_name = spmd.check_axis_name(axis_name)
+  if distribute_solves and axis_name is not None:
+    raise ValueError(f"distribute_solves=True shares the solves among the devices of a jit + "
+                     f"sharding step; under pmap/shard_map (axis_name={axis_name!r}) every "
+                     f"device computes its own copy of the direction. Use axis_name=None with "
+                     f"parallel.make_sharded_step, or distribute_solves=False.")
+  return Config(mode, axis_name, _precision(precision), _precision(solve_precision), plan,
+                sharding.check_specs(param_specs, "config"), distribute_solves)
 
 
 _BY_NAME = {**{a.name.lower(): a for a in lax.DotAlgorithmPreset},
@@ -95,18 +110,40 @@ def damping(tau_prox):
   return 1.0 / check_tau(tau_prox)
 
 
-def _direction(plan, kind, cfg: Config, x, g, grad, lam):
-  """The direction ``D`` in the columns of `layers` (B, p, k), for the global batch."""
+def _layout(kind, cfg: Config, problem, plan, shape) -> sharding.Layout:
+  """How the solve is split over the mesh: as the parameters (`sharding`), and over the
+  other devices too with ``distribute_solves``; never under pmap/shard_map."""
+  if cfg.axis_name is not None:
+    return sharding.Layout()
+  spec = None if cfg.param_specs is None else next(
+      (s for s in cfg.param_specs if s is not None), None)
+  return sharding.solve_layout(kind.dim_groups(len(shape)), spec, shape,
+                               plan.system == "parameter", cfg.distribute_solves,
+                               problem.blocks, problem.columns)
+
+
+def _direction(plan, kind, cfg: Config, x, g, grad, lam, layout=sharding.Layout()):
+  """The direction ``D`` in the columns of `layers` (B, p, k), for the global batch, split
+  over the mesh as ``layout`` says."""
   axis, steps, precision = cfg.axis_name, cfg.mode.cg_steps, cfg.solve_precision
   if plan.system == "gradient":
     return spmd.reduce(lax.pmean, grad, axis, x)
   if plan.system == "batch":
     x, g = spmd.gather_rows(x, g, grad, axis)
-    return direction.batch_space(plan, kind.matrix(x), kind.cotangent_rows(g), kind.use_bias,
-                                 lam, steps, precision)
-  gram = spmd.reduce(lax.psum, kind.gram(x, precision), axis, x)
-  grad = spmd.reduce(lax.pmean, grad, axis, x)
-  return direction.parameter_space(plan, gram, grad, lam, steps, precision)
+    return layout.constrain(direction.batch_space(
+        plan, kind.matrix(x), layout.constrain(kind.cotangent_rows(g)), kind.use_bias, lam,
+        steps, precision))
+  gram = layout.constrain_matrix(spmd.reduce(lax.psum, kind.gram(x, precision), axis, x))
+  grad = layout.constrain(spmd.reduce(lax.pmean, grad, axis, x))
+  return layout.constrain(direction.parameter_space(plan, gram, grad, lam, steps, precision))
+
+
+def _like_params(cfg: Config, layout: sharding.Layout, values):
+  """The directions split like their parameters (an all-gather after a spread solve)."""
+  if cfg.param_specs is None and layout.is_trivial:
+    return values
+  specs = cfg.param_specs or (None,) * len(values)
+  return tuple(sharding.constrain(v, s or sharding.P()) for v, s in zip(values, specs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -128,14 +165,25 @@ def _prox_layer_bwd(kind, cfg, residuals, g):
   dtype = solvers.solve_dtype(x.dtype, kernel.dtype, g.dtype)
   xs, gs, ks = x.astype(dtype), g.astype(dtype), kernel.astype(dtype)
   bs = None if bias is None else bias.astype(dtype)
-  param_transpose = jax.linear_transpose(
-      lambda k, b: kind.apply(xs, k, b, cfg.solve_precision), ks, bs)
-  grad = kind.to_columns(*param_transpose(gs))
   problem = kind.problem(x.shape, kernel.shape, spmd.axis_size(cfg.axis_name))
   plan = cfg.plan or planner.plan(problem, cfg.mode)
+  layout = _layout(kind, cfg, problem, plan, kernel.shape)
+  if layout.columns and plan.solver == "cholesky" and cfg.plan is None:
+    # XLA splits products by columns but runs a triangular solve whole on every device:
+    # columns split over devices are solved by the (replicated, small) inverse instead.
+    plan = dataclasses.replace(plan, solver="inverse")
   planner.record(problem, plan)
-  d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype))
+  param_transpose = jax.linear_transpose(
+      lambda k, b: kind.apply(xs, k, b, cfg.solve_precision), ks, bs)
+  groups = kind.dim_groups(kernel.ndim)
+  gk, gb = param_transpose(gs)
+  # Between the kernel and its columns (B, p, k) the arrays are split as the solve is: a
+  # reduce-scatter of the batch sum, then an all-to-all to the kernel's split, never a
+  # gather of the whole kernel.
+  grad = kind.to_columns(layout.constrain_parameter(gk, groups), gb)
+  d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype), layout)
   dk, db = kind.from_columns(d, kernel.shape)
+  dk, db = _like_params(cfg, layout, (layout.constrain_parameter(dk, groups), db))
   dk = spmd.vary_like(dk.astype(kernel.dtype), kernel)
   db = None if bias is None else spmd.vary_like(db.astype(bias.dtype), bias)
   return dx, dk, db, jnp.zeros_like(lam)
@@ -148,17 +196,27 @@ def apply(kind, cfg: Config, x, kernel, bias, tau_prox):
   """Applies a layer ``kind`` with a ProxProp backward pass (the plain layer for
   ``gradient`` mode on one device: ``jax.grad``'s gradient at its cost)."""
   lam = damping(tau_prox)
+  cfg = _with_type_specs(cfg, kernel, bias)
   observe(kind, cfg, x, kernel, bias, lam)
   if cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None:
     return kind.apply(x, kernel, bias, cfg.precision)
   return _prox_layer(kind, cfg, x, kernel, bias, lam)
 
 
+def _with_type_specs(cfg: Config, *params) -> Config:
+  """``cfg`` with the parameters' PartitionSpecs from their types (a mesh with Explicit
+  axes) when none were given."""
+  if cfg.param_specs is not None:
+    return cfg
+  return dataclasses.replace(cfg, param_specs=sharding.specs_of_types(*params))
+
+
 # ------------------------------------------------------------------------ public ops
 
 
 def dense(x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-          precision=None, solve_precision=SOLVE_PRECISION, plan=None):
+          precision=None, solve_precision=SOLVE_PRECISION, plan=None, param_specs=None,
+          distribute_solves=False):
   """A dense layer ``z = x @ kernel + bias`` with a ProxProp backward pass.
 
   Args:
@@ -175,11 +233,18 @@ def dense(x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0, axis_name=None
       (default ``HIGHEST``: float32 products are otherwise TF32/bfloat16 on GPUs/TPUs).
     plan: a `planner.Plan` that forces how the direction is computed (None: the
       cheapest by `planner.plan`).
+    param_specs: under ``jit`` on a mesh, the PartitionSpecs ``(kernel, bias)`` the
+      parameters are split by (None: unsplit, or on a mesh with Explicit axes their types';
+      the NNX layers pass their variables' sharding metadata). Each device then solves the
+      columns it holds (see `proxprop_jax.sharding`).
+    distribute_solves: under ``jit`` on a mesh, also share the solve's columns (or blocks)
+      among the devices the parameters are not split over, and all-gather the direction.
 
   Returns:
     ``z`` of shape ``(..., out)``.
   """
-  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  cfg = config(mode, axis_name, precision, solve_precision, plan, param_specs,
+               distribute_solves)
   if jnp.ndim(kernel) != 2 or jnp.ndim(x) < 1 or jnp.shape(x)[-1] != kernel.shape[0]:
     raise ValueError(f"pp.dense expects x (..., in) and kernel (in, out); got x {jnp.shape(x)} "
                      f"and kernel {jnp.shape(kernel)}.")
@@ -191,7 +256,8 @@ def dense(x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0, axis_name=None
 
 def conv(x, kernel, bias=None, *, strides=1, padding="SAME", rhs_dilation=1,
          feature_group_count=1, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-         precision=None, solve_precision=SOLVE_PRECISION, plan=None):
+         precision=None, solve_precision=SOLVE_PRECISION, plan=None, param_specs=None,
+         distribute_solves=False):
   """An N-d convolution (channels last) with a ProxProp backward pass.
 
   ``A(x)`` is the im2col patch matrix of ``x`` (rows = batch × output positions)
@@ -206,12 +272,14 @@ def conv(x, kernel, bias=None, *, strides=1, padding="SAME", rhs_dilation=1,
     strides, rhs_dilation: an int or one per spatial dim.
     padding: ``"SAME"``, ``"VALID"``, an int, or one ``(low, high)`` pair per dim.
     feature_group_count: the number of groups ``G`` (divides Cin and Cout).
-    mode, tau_prox, axis_name, precision, solve_precision, plan: as in `dense`.
+    mode, tau_prox, axis_name, precision, solve_precision, plan, param_specs,
+    distribute_solves: as in `dense`.
 
   Returns:
     ``(N, *out_spatial, Cout)``.
   """
-  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  cfg = config(mode, axis_name, precision, solve_precision, plan, param_specs,
+               distribute_solves)
   kernel_shape, x_shape = jnp.shape(kernel), jnp.shape(x)
   n = len(kernel_shape) - 2
   groups = feature_group_count
@@ -354,9 +422,10 @@ def _prox_norm_affine_bwd(kind, cfg, residuals, g):
   planner.record(problem, plan)
   cast = lambda v: None if v is None else v.astype(dtype)
   grad = kind.gradient(xs, gs, cast(scale), cast(bias))
-  d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype))
+  layout = _layout(kind, cfg, problem, plan, (problem.blocks,))
+  d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype), layout)
   back = lambda d, p: None if p is None else spmd.vary_like(d.astype(p.dtype), p)
-  dscale, dbias = kind.from_columns(d)
+  dscale, dbias = _like_params(cfg, layout, kind.from_columns(d))
   return dx, back(dscale, scale), back(dbias, bias), jnp.zeros_like(lam)
 
 
@@ -364,7 +433,8 @@ _prox_norm_affine.defvjp(_prox_norm_affine_fwd, spmd.global_view(_prox_norm_affi
 
 
 def norm_affine(x, scale=None, bias=None, *, feature_axes=-1, mode="prox_cg1", tau_prox=1.0,
-                axis_name=None, solve_precision=SOLVE_PRECISION, plan=None):
+                axis_name=None, solve_precision=SOLVE_PRECISION, plan=None, param_specs=None,
+                distribute_solves=False):
   """The affine part of a normalisation layer, ``z = x ⊙ scale + bias`` per feature,
   with a ProxProp backward pass.
 
@@ -381,11 +451,14 @@ def norm_affine(x, scale=None, bias=None, *, feature_axes=-1, mode="prox_cg1", t
     feature_axes: an axis or a tuple of axes of ``x``.
     mode, tau_prox, axis_name, solve_precision, plan: as in `dense` (the planner
       picks the parameter space except for fewer rows than parameters).
+    param_specs, distribute_solves: as in `dense`, ``param_specs`` for ``(scale, bias)``;
+      a split of the features splits the per-feature systems.
 
   Returns:
     ``z``, shaped like ``x``.
   """
-  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan)
+  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan,
+               param_specs=param_specs, distribute_solves=distribute_solves)
   if cfg.plan is not None and cfg.plan.solver == "diagonal":
     raise ValueError(f"pp.norm_affine solves 2x2 systems: a plan with solver 'diagonal' "
                      f"(embeddings) does not apply; got {cfg.plan}.")
@@ -403,6 +476,7 @@ def norm_affine(x, scale=None, bias=None, *, feature_axes=-1, mode="prox_cg1", t
                        f"{jnp.shape(x)} with feature_axes {feature_axes!r}; got "
                        f"{jnp.shape(value)}.")
   kind = layers.NormAffine(axes, scale is not None, bias is not None)
+  cfg = _with_type_specs(cfg, scale, bias)
   if (scale is None and bias is None) or (
       cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None):
     return kind.apply(x, scale, bias)
@@ -427,9 +501,13 @@ def _prox_embed_bwd(kind, cfg, residuals, g):
                                     ("parameter", "diagonal")))
   planner.record(problem, plan)
   d = spmd.reduce(lax.pmean, kind.gradient(ids, g), cfg.axis_name, g)
+  layout = sharding.Layout()
   if plan.system != "gradient":
     counts = spmd.reduce(lax.psum, kind.counts(ids, dtype), cfg.axis_name, ids)
-    d = direction.diagonal(counts, d, jnp.asarray(lam, dtype), cfg.mode.cg_steps)
+    layout = _layout(kind, cfg, problem, plan, table.shape)  # d columns, one diagonal system
+    d = direction.diagonal(counts, layout.constrain(d[None])[0], jnp.asarray(lam, dtype),
+                           cfg.mode.cg_steps)
+  (d,) = _like_params(cfg, layout, (d,))
   # Integer ids have no cotangent (None: a symbolic zero).
   return None, spmd.vary_like(d.astype(table.dtype), table), jnp.zeros_like(lam)
 
@@ -438,7 +516,7 @@ _prox_embed.defvjp(_prox_embed_fwd, _prox_embed_bwd)
 
 
 def embed(ids, table, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-          solve_precision=SOLVE_PRECISION, plan=None):
+          solve_precision=SOLVE_PRECISION, plan=None, param_specs=None, distribute_solves=False):
   """An embedding lookup ``z = table[ids]`` with a ProxProp backward pass.
 
   ``z = onehot(ids) θ``: ``AᵀA = diag(counts)`` (how often each token occurs over
@@ -454,11 +532,13 @@ def embed(ids, table, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
       ``Plan("parameter", "diagonal")`` (the default) or ``Plan("gradient", "none")``.
     solve_precision: accepted for a uniform signature; this direction has no
       matrix products.
+    param_specs, distribute_solves: as in `dense`, ``param_specs`` for ``(table,)``.
 
   Returns:
     ``z`` of shape ``(*ids.shape, d)``.
   """
-  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan)
+  cfg = config(mode, axis_name, solve_precision=solve_precision, plan=plan,
+               param_specs=param_specs, distribute_solves=distribute_solves)
   if cfg.plan is not None and cfg.plan.solver not in ("none", "diagonal"):
     raise ValueError(f"pp.embed's AᵀA is diagonal: plan must be Plan('parameter', 'diagonal') "
                      f"or Plan('gradient', 'none') (or None); got {cfg.plan}.")
@@ -468,6 +548,7 @@ def embed(ids, table, *, mode="prox_cg1", tau_prox=1.0, axis_name=None,
     raise ValueError(f"pp.embed expects a table of shape (num_embeddings, features); got "
                      f"{jnp.shape(table)}.")
   kind = layers.Embed(jnp.shape(table)[0])
+  cfg = _with_type_specs(cfg, table)
   if cfg.mode.is_gradient and cfg.axis_name is None and cfg.plan is None:
     return kind.apply(ids, table)
   return _prox_embed(kind, cfg, ids, table, damping(tau_prox))
@@ -481,6 +562,14 @@ def _contract(name, spec: contraction.Contraction, cfg: Config, x, kernel, bias,
   spec.check(name, jnp.shape(x), jnp.shape(kernel), None if bias is None else jnp.shape(bias))
   kind = layers.DenseGeneral(bias is not None, len(spec.x_blocks), len(spec.x_contracted),
                              len(spec.kernel_features))
+  if cfg.param_specs is not None and cfg.param_specs[0] is not None:
+    # The kernel's split in the layer's order (*blocks, *contracted, *features); the bias
+    # (*blocks, *features) follows the kernel's.
+    split = sharding.dims(cfg.param_specs[0], jnp.ndim(kernel))
+    order = lambda axes: sharding.P(*(split[a] or None for a in axes))
+    cfg = dataclasses.replace(cfg, param_specs=(
+        order(spec.kernel_blocks + spec.kernel_contracted + spec.kernel_features),
+        order(spec.kernel_blocks + spec.kernel_features)))
   z = apply(kind, cfg, spec.inputs(x), spec.kernel(kernel),
             None if bias is None else spec.bias(bias, jnp.shape(kernel)), tau_prox)
   return spec.outputs(z)
@@ -488,7 +577,7 @@ def _contract(name, spec: contraction.Contraction, cfg: Config, x, kernel, bias,
 
 def dense_general(x, kernel, bias=None, *, axis=-1, batch_dims=(), mode="prox_cg1",
                   tau_prox=1.0, axis_name=None, precision=None, solve_precision=SOLVE_PRECISION,
-                  plan=None):
+                  plan=None, param_specs=None, distribute_solves=False):
   """A dense layer over several axes (flax's ``LinearGeneral``) with a ProxProp backward.
 
   ``z = lax.dot_general(x, kernel, ((axis, contracted), (batch_dims, leading))) + bias``:
@@ -504,12 +593,14 @@ def dense_general(x, kernel, bias=None, *, axis=-1, batch_dims=(), mode="prox_cg
     bias: ``(*batch, *features)`` or None.
     axis: the contracted axes of ``x`` (an int or a tuple).
     batch_dims: the axes of ``x`` shared with the kernel's leading axes.
-    mode, tau_prox, axis_name, precision, solve_precision, plan: as in `dense`.
+    mode, tau_prox, axis_name, precision, solve_precision, plan, param_specs,
+    distribute_solves: as in `dense` (``param_specs`` in the kernel's own axis order).
 
   Returns:
     ``(*batch, *other axes of x, *features)``.
   """
-  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  cfg = config(mode, axis_name, precision, solve_precision, plan, param_specs,
+               distribute_solves)
   spec = contraction.from_axes(jnp.ndim(x), jnp.ndim(kernel),
                                axis if isinstance(axis, int) else tuple(axis),
                                batch_dims if isinstance(batch_dims, int) else tuple(batch_dims))
@@ -520,7 +611,8 @@ def dense_general(x, kernel, bias=None, *, axis=-1, batch_dims=(), mode="prox_cg
 
 
 def einsum(equation: str, x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0,
-           axis_name=None, precision=None, solve_precision=SOLVE_PRECISION, plan=None):
+           axis_name=None, precision=None, solve_precision=SOLVE_PRECISION, plan=None,
+           param_specs=None, distribute_solves=False):
   """``jnp.einsum(equation, x, kernel) + bias`` (flax's ``Einsum``) with a ProxProp backward.
 
   Supported are the equations of `contraction.SUPPORTED_EQUATIONS` (e.g. the attention
@@ -534,9 +626,11 @@ def einsum(equation: str, x, kernel, bias=None, *, mode="prox_cg1", tau_prox=1.0
     equation: ``'x,kernel->out'``.
     bias: as ``nnx.Einsum``'s: one value per index of the kernel's indices in ``out``
       (reshaped to them, in ``out``'s order), or None.
-    mode, tau_prox, axis_name, precision, solve_precision, plan: as in `dense`.
+    mode, tau_prox, axis_name, precision, solve_precision, plan, param_specs,
+    distribute_solves: as in `dense` (``param_specs`` in the kernel's own axis order).
   """
-  cfg = config(mode, axis_name, precision, solve_precision, plan)
+  cfg = config(mode, axis_name, precision, solve_precision, plan, param_specs,
+               distribute_solves)
   if not isinstance(equation, str):
     raise ValueError(f"equation must be a string 'x,kernel->out'; got {equation!r}.")
   spec = contraction.from_equation(equation, jnp.ndim(x), jnp.ndim(kernel))

@@ -15,6 +15,12 @@ must solve the system of the *global* batch. Three styles give that:
   ``Aᵀg`` over it, so every device returns the global batch's direction, and the
   ``pmean`` makes the plain layers' gradients global too.
 
+Sharded parameters (FSDP, tensor parallelism): annotate the parameters as flax does
+(``nnx.with_partitioning``), build the model under ``jax.set_mesh(mesh)`` (or place it
+with `place`), and shard the batch over the data axis only (``shard_batch(..., axes=
+"data")``); `make_sharded_step` keeps every variable split as annotated, and each ProxProp
+layer solves the columns it holds (`proxprop_jax.sharding`).
+
 Several processes (hosts): call `initialize_distributed` first, then each process
 passes *its* slice of every global batch to `shard_batch`.
 
@@ -118,13 +124,18 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "dat
 # --------------------------------------------------------------------- placing data
 
 
-def _batch_axes(mesh):
-  """The mesh axes the leading (batch) dim is split over: all of them."""
-  names = tuple(mesh.axis_names)
+def _batch_axes(mesh, axes=None):
+  """The mesh axes the leading (batch) dim is split over: ``axes``, default all of them."""
+  names = tuple(mesh.axis_names) if axes is None else (
+      (axes,) if isinstance(axes, str) else tuple(axes))
+  unknown = [a for a in names if a not in mesh.axis_names]
+  if unknown or not names:
+    raise ValueError(f"the batch axes must be axes of the mesh {tuple(mesh.axis_names)}; got "
+                     f"{axes!r}.")
   return names[0] if len(names) == 1 else names
 
 
-def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh, axes=None) -> Any:
   """This process's slice of a global batch -> global arrays sharded over ``mesh``.
 
   With one process the slice is the whole batch. With several, process ``i``
@@ -134,8 +145,10 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   Args:
     batch: a pytree of arrays (numpy or jax) with a common leading dim, this
       process's rows.
-    mesh: the mesh (e.g. from `make_mesh`); the leading dim is split over all of
-      its axes.
+    mesh: the mesh (e.g. from `make_mesh`).
+    axes: the mesh axes the leading dim is split over (a name or a tuple), default all
+      of them; e.g. ``"data"`` on a ``("data", "model")`` mesh, whose ``model`` axis
+      splits the parameters.
 
   Returns:
     The pytree of global ``jax.Array``s sharded along the leading dim.
@@ -152,29 +165,32 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
     raise ValueError(f"shard_batch needs arrays with one common leading (batch) dim; got "
                      f"shapes {[np.shape(leaf) for leaf in leaves]}.")
   (local_rows,) = rows
-  processes, devices = jax.process_count(), mesh.devices.size
+  axes = _batch_axes(mesh, axes)
+  processes = jax.process_count()
+  devices = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
   global_rows = local_rows * processes
   if global_rows % devices:
     raise ValueError(
         f"the global batch of {global_rows} rows ({processes} process(es) x {local_rows}) "
         f"does not divide evenly over the mesh's {devices} devices; use a batch size that is "
         f"a multiple of {devices}, or drop the last {global_rows % devices} rows yourself.")
-  sharding = NamedSharding(mesh, P(_batch_axes(mesh)))
+  sharding = NamedSharding(mesh, P(axes))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
           sharding, x, (global_rows, *np.shape(x)[1:])), batch)
 
 
-def _replicated(x, sharding):
+def _placed(x, sharding):
+  """``x`` (the same global value in every process) as a global array with ``sharding``."""
   if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
     return x
   if jax.process_count() == 1:
     return jax.device_put(x, sharding)
   if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
-    data = _replicated(jax.random.key_data(x), sharding)
+    data = _placed(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
   x = np.asarray(x)
-  return jax.make_array_from_process_local_data(sharding, x, x.shape)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -190,7 +206,23 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """
   sharding = NamedSharding(mesh, P())
   state = nnx.state(tree)
-  nnx.update(tree, jax.tree.map(lambda x: _replicated(x, sharding), state))
+  nnx.update(tree, jax.tree.map(lambda x: _placed(x, sharding), state))
+  return tree
+
+
+def place(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places the state of NNX objects on ``mesh`` as their sharding annotations say, in place.
+
+  A variable with sharding metadata (``nnx.with_partitioning``, ``out_sharding=``; the
+  optimizer state inherits its parameter's) is split by it (``nnx.get_named_sharding``),
+  every other one is replicated: a model built under ``jax.set_mesh(mesh)`` is placed so
+  already. Every process must hold the same values (build them from the same seed).
+
+  Returns:
+    ``tree`` itself.
+  """
+  state = nnx.state(tree)
+  nnx.update(tree, jax.tree.map(_placed, state, nnx.get_named_sharding(state, mesh)))
   return tree
 
 
@@ -239,9 +271,21 @@ def make_sharded_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
   Returns:
     ``step(model, optimizer, *batch) -> aux``, the ``nnx.jit``-compiled step that
     updates ``model`` and ``optimizer`` in place. Pass it the output of
-    `shard_batch` and a ``(model, optimizer)`` placed by `replicate`.
+    `shard_batch` and a ``(model, optimizer)`` placed by `replicate` or `place`. The
+    step runs under ``jax.set_mesh(mesh)``, and the state it writes back is split as
+    its annotations say (replicated where none), as it came in.
   """
-  jitted = nnx.jit(step_fn)
+  auto = all(t == AxisType.Auto for t in mesh.axis_types)
+
+  @nnx.jit
+  def jitted(model, optimizer, *batch):
+    aux = step_fn(model, optimizer, *batch)
+    if auto:  # Explicit axes keep the shardings in the types; GSPMD must be told
+      state = nnx.state((model, optimizer))
+      nnx.update((model, optimizer), jax.lax.with_sharding_constraint(
+          state, nnx.get_partition_spec(state)))
+    return aux
+
   devices = set(mesh.devices.flat)
 
   def step(model, optimizer, *batch):
@@ -252,7 +296,8 @@ def make_sharded_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
                          f"{len(devices)} devices (parallel.shard_batch(batch, mesh)); got "
                          f"{type(leaf).__name__} of shape {np.shape(leaf)}"
                          + (f" on {leaf.sharding}." if isinstance(leaf, jax.Array) else "."))
-    return jitted(model, optimizer, *batch)
+    with jax.set_mesh(mesh):
+      return jitted(model, optimizer, *batch)
 
   return step
 
@@ -360,4 +405,4 @@ def make_pmap_step(step_fn: Callable, axis_name: str = "data",
 
 
 __all__ = ["DISTRIBUTED_ENV", "initialize_distributed", "make_mesh", "make_pmap_step",
-           "make_shard_map_step", "make_sharded_step", "replicate", "shard_batch"]
+           "make_shard_map_step", "make_sharded_step", "place", "replicate", "shard_batch"]

@@ -381,8 +381,9 @@ def test_bad_shapes_and_options_raise_clearly():
               rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="'\\.\\.\\.' must appear"):
     pp.Einsum("bd,dk->bk", (4, 3), rngs=nnx.Rngs(0))(jnp.ones((2, 4)), "bd,d...->b...")
-  with pytest.raises(ValueError, match="does not take out_sharding"):
-    pp.LinearGeneral(4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4)), out_sharding=("data",))
+  layer = pp.LinearGeneral(4, 3, rngs=nnx.Rngs(0))  # out_sharding: as flax's (no mesh: no-op)
+  np.testing.assert_array_equal(layer(jnp.ones((2, 4)), out_sharding=("data",)),
+                                layer(jnp.ones((2, 4))))
   with pytest.raises(ValueError, match="Unknown ProxProp mode 'prox'"):
     pp.Einsum("bd,dk->bk", (4, 3), mode="prox", rngs=nnx.Rngs(0))
 
