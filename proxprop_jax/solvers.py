@@ -5,7 +5,7 @@
 leading block dimensions: ``M`` of shape ``(..., n, n)`` and ``B`` of shape
 ``(..., n, k)`` hold independent systems (one per group of a grouped convolution,
 per feature of a norm layer's affine parameters, …). ``precision`` is the
-``lax.Precision`` of every matrix product.
+``lax.Precision`` or ``lax.DotAlgorithmPreset`` of every matrix product.
 
 * `spd_solve`: Cholesky and two triangular solves; where Cholesky breaks down (``λ``
   tiny against a nearly singular ``M``, e.g. ``τ = 1e6``) the block is factored again
