@@ -63,6 +63,28 @@ def positive(kind: type):
   return parse
 
 
+def mesh_arg(text: str) -> str:
+  """A device mesh ``axis=size,...`` over the axes of `models.MESH_AXES`, e.g. ``data=4,model=2``."""
+  try:
+    mesh = parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return ",".join(f"{axis}={size}" for axis, size in mesh)
+
+
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+  """``((axis, size), ...)`` of a ``--mesh`` value; a ValueError that names the valid forms."""
+  axes = models.MESH_AXES
+  mesh = []
+  for part in text.split(","):
+    axis, _, size = part.strip().partition("=")
+    if axis not in axes or not size.isdigit() or int(size) < 1 or axis in dict(mesh):
+      raise ValueError(f"invalid mesh {text!r}; give axis=size pairs over distinct axes of "
+                       f"{', '.join(axes)} (sizes >= 1), e.g. data=4,model=2")
+    mesh.append((axis, int(size)))
+  return tuple(mesh)
+
+
 def flag(default, help: str, **argparse_kwargs):  # pylint: disable=redefined-builtin
   """A `RunConfig` field: its default, and the help and argparse options of its flag."""
   return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kwargs))
@@ -96,6 +118,11 @@ class RunConfig:
   seed: int = flag(0, "seeds the init, the data order and the digits split", type=int)
   out: str = flag("runs/cifar", "output folder of the run")
   parallel: str = flag("auto", "auto: sharded when several devices are present", choices=PARALLEL)
+  mesh: str | None = flag(None, "shard the parameters too, over a mesh of all devices, e.g. "
+                          "data=4,model=2: the batch over data (and fsdp), the MLP's and ViT's "
+                          "annotated kernels over model (tensor parallel) and fsdp (FSDP); "
+                          "None: data parallel, parameters replicated", type=mesh_arg,
+                          metavar="AXIS=N,...")
   keep_checkpoints: int = flag(2, "checkpoints kept on disk (the latest ones); 1 halves the "
                                "disk use", type=positive(int))
   resume: bool = flag(False, "continue the run in --out from its last checkpoint",
@@ -153,6 +180,14 @@ def check(config: RunConfig) -> None:
   if config.diagnostics and config.mode == "backprop":
     raise ConfigError("--diagnostics describes ProxProp layers; mode backprop has none (choose "
                       "a ProxProp mode, or gradient for the plain gradient through them)")
+  if config.mesh is not None and config.parallel in ("none", "pmap"):
+    raise ConfigError(f"--mesh shards a jit step over a mesh; --parallel {config.parallel} has "
+                      f"none: use --parallel sharded (or auto), or leave --mesh out")
+  if (config.mesh is not None and config.model not in models.SHARDED
+      and any(axis != "data" for axis, _ in parse_mesh(config.mesh))):
+    raise ConfigError(f"--mesh {config.mesh}: the {config.model} model has no sharding "
+                      f"annotations to split its parameters by; models with them: "
+                      f"{', '.join(models.SHARDED)} (or a mesh of data only)")
   if config.diagnostics and config.parallel == "pmap":
     raise ConfigError("--diagnostics runs on the global batch: use --parallel sharded (or "
                       "auto), not pmap")

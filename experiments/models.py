@@ -13,6 +13,12 @@ ordinary model code.
 Models live in a registry: ``@register("name")`` on an ``nnx.Module`` whose constructor takes
 ``(input_shape, num_classes, layers, **sizes)`` makes it buildable as ``build("name", ...)``
 and selectable by ``--model name``.
+
+Sharding: the MLP's and the ViT's kernels carry flax sharding annotations in logical names
+(``embed``: the model width, ``mlp``: the hidden width, ``heads``), bound to mesh axes by
+`sharding_rules` (``embed`` → ``fsdp``, ``mlp`` and ``heads`` → ``model``): Megatron-style
+column- then row-parallel pairs, attention heads over ``model``, and FSDP over ``fsdp``.
+Without rules (``build(..., sharding_rules=None)``) no annotation is made.
 """
 
 from __future__ import annotations
@@ -28,6 +34,20 @@ from flax import nnx
 import proxprop_jax as pp
 
 MODES_HELP = "backprop, gradient, prox_exact, prox_cgN (N >= 1)"
+
+#: The mesh axes the models' annotations use: ``fsdp`` splits the parameters' model width and
+#: the batch, ``model`` their hidden width and heads (tensor parallel), ``data`` the batch.
+MESH_AXES = ("data", "fsdp", "model")
+LOGICAL_AXES = {"embed": "fsdp", "mlp": "model", "heads": "model"}
+#: The models whose parameters carry sharding annotations.
+SHARDED = ("mlp", "vit")
+
+
+def sharding_rules(mesh_axes) -> tuple:
+  """Flax logical axis rules binding the models' annotations to the axes of a mesh that has
+  them (None: unsplit)."""
+  return tuple((name, axis if axis in mesh_axes else None)
+               for name, axis in LOGICAL_AXES.items())
 
 MODELS: dict[str, type] = {}
 
@@ -72,21 +92,30 @@ class Layers:
     rngs: parameter init keys.
     prox_linear: the ProxProp dense layer class; e.g. ``pp.prox_module(nnx.Linear)`` for the
       matrix-free variant.
+    sharding_rules: `sharding_rules` of a mesh to annotate the parameters for, or None.
   """
 
   def __init__(self, mode: str, tau_prox: float, axis_name: str | None, rngs: nnx.Rngs,
-               prox_linear: type = pp.Linear):
+               prox_linear: type = pp.Linear, sharding_rules=None):
     self.rngs = rngs
+    self.sharding_rules = sharding_rules
     if mode == "backprop":
       self.linear_cls, self.conv_cls, self.prox_kwargs = nnx.Linear, nnx.Conv, {}
     else:
       self.linear_cls, self.conv_cls = prox_linear, pp.Conv
       self.prox_kwargs = dict(mode=mode, tau_prox=tau_prox, axis_name=axis_name)
 
-  def linear(self, fan_in: int, fan_out: int, hidden: bool = True):
-    """A dense layer; ``hidden=False`` is the plain head."""
+  def metadata(self, *names) -> dict:
+    """A parameter's sharding metadata: its dims' logical ``names`` (empty without rules)."""
+    return dict(out_sharding=names, sharding_rules=self.sharding_rules) if (
+        self.sharding_rules and any(names)) else {}
+
+  def linear(self, fan_in: int, fan_out: int, hidden: bool = True, names=(None, None)):
+    """A dense layer; ``hidden=False`` is the plain head; ``names``: its kernel's logical
+    axes (the bias takes the output's)."""
     cls, kwargs = (self.linear_cls, self.prox_kwargs) if hidden else (nnx.Linear, {})
     return cls(fan_in, fan_out, kernel_init=torch_uniform(), bias_init=torch_uniform(fan_in),
+               kernel_metadata=self.metadata(*names), bias_metadata=self.metadata(names[1]),
                rngs=self.rngs, **kwargs)
 
   def conv(self, fan_in_channels: int, channels: int, size: int):
@@ -123,13 +152,20 @@ class ConvNet(nnx.Module):
 
 @register("mlp")
 class MLP(nnx.Module):
-  """Fully connected ``in-4000-1000-4000-classes`` with ReLU (3072 inputs for CIFAR-10)."""
+  """Fully connected ``in-4000-1000-4000-classes`` with ReLU (3072 inputs for CIFAR-10).
+
+  Sharded, the layers alternate column- and row-parallel (``embed → mlp``, ``mlp → embed``):
+  a column-parallel layer's split output feeds the next layer's split input directly.
+  """
 
   def __init__(self, input_shape, num_classes: int, layers: Layers,
                hidden_sizes=(4000, 1000, 4000)):
     sizes = (math.prod(input_shape),) + tuple(hidden_sizes)
-    self.hidden = nnx.List([layers.linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.head = layers.linear(sizes[-1], num_classes, hidden=False)
+    names = [("embed", "mlp"), ("mlp", "embed")]
+    self.hidden = nnx.List([layers.linear(a, b, names=names[i % 2])
+                            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))])
+    self.head = layers.linear(sizes[-1], num_classes, hidden=False,
+                              names=(names[len(hidden_sizes) % 2][0], None))
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
@@ -212,11 +248,13 @@ class ViT(nnx.Module):
     height, width, channels = input_shape
     self.patch = patch or max(1, height // 4)
     tokens = (height // self.patch) * (width // self.patch)
-    self.embed = nnx.Linear(self.patch * self.patch * channels, dim, rngs=rngs)
+    self.embed = nnx.Linear(self.patch * self.patch * channels, dim, rngs=rngs,
+                            kernel_metadata=layers.metadata(None, "embed"))
     self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, dim)))
-    self.blocks = nnx.List([EncoderBlock(dim, heads, mlp_dim, rngs) for _ in range(depth)])
+    self.blocks = nnx.List([EncoderBlock(dim, heads, mlp_dim, layers) for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, rngs=rngs,
+                           kernel_metadata=layers.metadata("embed", None))
 
   def __call__(self, x):
     n, h, w, c = x.shape
@@ -229,14 +267,20 @@ class ViT(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-  """Pre-norm transformer encoder block."""
+  """Pre-norm transformer encoder block; sharded, the heads and the MLP's hidden units are
+  split over ``model`` (Megatron-style)."""
 
-  def __init__(self, dim: int, heads: int, mlp_dim: int, rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, mlp_dim: int, layers: Layers):
+    rngs, meta = layers.rngs, layers.metadata
     self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+        heads, dim, decode=False, rngs=rngs, kernel_metadata=meta("embed", "heads", None),
+        bias_metadata=meta("heads", None), out_kernel_metadata=meta("heads", None, "embed"),
+        out_bias_metadata=meta("embed"))
     self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+    self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs, kernel_metadata=meta("embed", "mlp"),
+                           bias_metadata=meta("mlp"))
+    self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs, kernel_metadata=meta("mlp", "embed"))
 
   def __call__(self, x):
     x = x + self.attention(self.norm1(x))
@@ -249,7 +293,7 @@ CONVERTED = ("resnet", "vit")
 
 def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox: float = 1.0,
           axis_name: str | None = None, seed: int = 0, prox_linear: type = pp.Linear,
-          plain_head: bool = False, **sizes) -> nnx.Module:
+          plain_head: bool = False, sharding_rules=None, **sizes) -> nnx.Module:
   """Builds a registered model.
 
   Args:
@@ -264,6 +308,9 @@ def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox:
     prox_linear: the ProxProp dense layer class of the paper's models (see `Layers`).
     plain_head: `CONVERTED` models: keep the plain gradient for the final layer ``head``
       (the paper's models always do).
+    sharding_rules: `sharding_rules` of the mesh to annotate the MLP's and ViT's parameters
+      for (build under ``jax.set_mesh(mesh)``: flax then splits them as it creates them), or
+      None.
     **sizes: the model's size arguments (``hidden_sizes`` of the MLP; ``channels``,
       ``kernel_size`` of the ConvNet; ``widths``, ``blocks`` of the ResNet; ``dim``, ``depth``,
       ``heads``, ``mlp_dim``, ``patch`` of the ViT); the defaults when left out.
@@ -276,7 +323,7 @@ def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
   converted = name in CONVERTED
   layers = Layers("backprop" if converted else mode, tau_prox, axis_name, nnx.Rngs(seed),
-                  prox_linear)
+                  prox_linear, sharding_rules)
   model = MODELS[name](tuple(input_shape), num_classes, layers, **sizes)
   if converted and mode != "backprop":
     pp.convert(model, mode=mode, tau_prox=tau_prox, axis_name=axis_name,

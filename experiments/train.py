@@ -18,6 +18,7 @@ non-finite stops in that epoch (nothing of it is saved) and records that it dive
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -96,20 +97,38 @@ class Devices:
   """How batches reach the step: one device, ``pmap`` or a sharded ``jit`` over a mesh.
 
   With several processes every process holds the whole dataset, takes its slice of each global
-  batch, and the parallel module assembles the global batch.
+  batch, and the parallel module assembles the global batch. With a ``mesh`` (``--mesh``) the
+  parameters are split as the models' annotations say (`models.sharding_rules`) and the batch
+  over the mesh's ``data`` and ``fsdp`` axes.
   """
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, mesh: str | None = None):
     if kind == "auto":
-      kind = "sharded" if jax.device_count() > 1 else "none"
-    self.kind = kind
+      kind = "sharded" if jax.device_count() > 1 or mesh else "none"
+    self.kind, self.spec = kind, mesh
     self.count = 1 if kind == "none" else jax.device_count()
     self.axis_name = "data" if kind == "pmap" else None
-    self.parallel = self.mesh = None
+    self.parallel = self.mesh = self.rules = self.batch_axes = None
     if kind != "none":
       from proxprop_jax import parallel  # pylint: disable=import-outside-toplevel
       self.parallel = parallel
       self.mesh = parallel.make_mesh(axis_name="data") if kind == "sharded" else None
+    if mesh is not None:
+      axes = dict(config_lib.parse_mesh(mesh))
+      self.batch_axes = tuple(a for a in axes if a in ("data", "fsdp"))
+      if np.prod(list(axes.values())) != jax.device_count() or not self.batch_axes:
+        raise config_lib.ConfigError(
+            f"--mesh {mesh} must span all {jax.device_count()} devices and have a data or "
+            f"fsdp axis to split the batch over (e.g. data={jax.device_count() // 2},model=2)")
+      self.mesh = jax.make_mesh(tuple(axes.values()), tuple(axes),
+                                axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+      self.count = int(np.prod([axes[a] for a in self.batch_axes]))
+      self.rules = models.sharding_rules(tuple(axes))
+
+  def context(self):
+    """Where the model is built: on the mesh when its parameters are split (flax splits
+    annotated parameters as it creates them)."""
+    return jax.set_mesh(self.mesh) if self.rules is not None else contextlib.nullcontext()
 
   def feed(self, arrays):
     """Host arrays of a global batch -> the train step's batch arguments."""
@@ -119,7 +138,7 @@ class Devices:
     n, p, i = len(arrays[0]), jax.process_count(), jax.process_index()
     local = tuple(a[i * n // p:(i + 1) * n // p] for a in arrays)
     if self.kind == "sharded":
-      return tuple(self.parallel.shard_batch(local, self.mesh))
+      return tuple(self.parallel.shard_batch(local, self.mesh, self.batch_axes))
     return local  # pmap splits it over this process's devices
 
   def feed_eval(self, arrays):
@@ -132,7 +151,9 @@ class Devices:
     """Puts the state where the step reads it: replicated over the mesh (sharded), or
     committed to the one device as a restored checkpoint is, so that a fresh run and its
     resumption compile the same programs (a compile-cache hit)."""
-    if self.kind == "sharded":
+    if self.rules is not None:
+      self.parallel.place((model, optimizer), self.mesh)
+    elif self.kind == "sharded":
       self.parallel.replicate((model, optimizer), self.mesh)
     elif self.kind == "none":
       state = nnx.state((model, optimizer))
@@ -149,7 +170,8 @@ class Devices:
 
   def describe(self) -> str:
     d = jax.devices()[0]
-    return f"{jax.device_count()} x {d.device_kind} ({d.platform}), parallel={self.kind}"
+    mesh = "" if self.spec is None else f", mesh {self.spec}"
+    return f"{jax.device_count()} x {d.device_kind} ({d.platform}), parallel={self.kind}{mesh}"
 
 
 def evaluate(model, images, labels, devices: Devices, chunk: int | None = None
@@ -205,20 +227,22 @@ def _restore(manager, model, optimizer) -> dict:
   return restored["meta"]
 
 
-def build(config, input_shape, axis_name: str | None = None):
+def build(config, input_shape, axis_name: str | None = None, sharding_rules=None):
   """The run's model and optimizer, freshly initialized from ``config.seed``.
 
   Args:
     config: a `RunConfig`, or a run's ``config.json`` as a dict.
     input_shape: one example's shape.
     axis_name: the ``pmap`` axis of the ProxProp layers.
+    sharding_rules: `models.sharding_rules` of the mesh the parameters are split over (build
+      under ``Devices.context``), or None.
   """
   if isinstance(config, dict):
     config = config_lib.RunConfig(**{k: v for k, v in config.items()
                                      if k in config_lib.FIELDS})
   model = models.build(config.model, mode=config.mode, input_shape=input_shape,
                        tau_prox=config.tau_prox, axis_name=axis_name, seed=config.seed,
-                       plain_head=config.plain_head)
+                       plain_head=config.plain_head, sharding_rules=sharding_rules)
   # Training mode with its flags set explicitly (e.g. attention's `deterministic`, None until
   # now): `evaluate` toggles eval()/train() after each epoch, and would otherwise leave a model
   # whose graph differs from the compiled step's, recompiling it inside epoch 2.
@@ -506,11 +530,12 @@ def run(config) -> dict:
     return state.summary
 
   compile_cache.use(config.compile_cache)  # before the run's first compile
-  devices = Devices(config.parallel)
+  devices = Devices(config.parallel, config.mesh)
   splits = load_data(config)
   train_x, train_y = splits["train"]
   log(describe(config, splits, devices))
-  model, optimizer = build(config, train_x.shape[1:], devices.axis_name)
+  with devices.context():
+    model, optimizer = build(config, train_x.shape[1:], devices.axis_name, devices.rules)
   devices.place(model, optimizer)
   batch_sizes = [len(b) for b in data_lib.batches(
       np.arange(len(train_y)), min(config.batch_size, len(train_y)), devices.count)]

@@ -149,10 +149,10 @@ def _free_port() -> int:
 def _run_two_processes_and_reference(tmp_path):
   script = os.path.join(HERE, "_two_process_worker.py")
   address = f"127.0.0.1:{_free_port()}"
-  commands = [[sys.executable, script, "--devices", "2", "--coordinator-address", address,
+  commands = [[sys.executable, script, "--devices", "4", "--coordinator-address", address,
                "--num-processes", "2", "--process-id", str(i), "--out", str(tmp_path / f"p{i}.npz")]
               for i in range(2)]
-  commands.append([sys.executable, script, "--devices", "4", "--out", str(tmp_path / "ref.npz")])
+  commands.append([sys.executable, script, "--devices", "8", "--out", str(tmp_path / "ref.npz")])
   procs, logs = [], []
   for i, command in enumerate(commands):
     logs.append(tmp_path / f"{i}.log")
@@ -161,7 +161,8 @@ def _run_two_processes_and_reference(tmp_path):
   _wait(procs, logs, 120)
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  """Replicated (MLP, ConvNet) and tensor-parallel (the annotated MLP) sharded steps."""
   try:
     _run_two_processes_and_reference(tmp_path)
   except pytest.fail.Exception as e:  # the free port was taken meanwhile: once more
@@ -170,7 +171,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     _run_two_processes_and_reference(tmp_path)
   p0, p1, ref = (np.load(tmp_path / f"{n}.npz") for n in ("p0", "p1", "ref"))
   params = [k for k in ref.files if not k.startswith("init/") and not k.endswith("loss")]
-  assert len(params) == 14
+  assert len(params) == 14 + 6
   for key in ref.files:
     np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)  # one global array
     if key.startswith("init/"):
