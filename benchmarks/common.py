@@ -39,7 +39,7 @@ INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-def build(model: str, mode: str, *, hidden=None, seed: int = 0):
+def build(model: str, mode: str, *, hidden=None, seed: int = 0, **options):
   """The model and its optimizer with the paper's settings for (model, mode).
 
   Args:
@@ -48,6 +48,8 @@ def build(model: str, mode: str, *, hidden=None, seed: int = 0):
     mode: ``"backprop"`` or a ProxProp mode.
     hidden: the MLP's hidden sizes (None: the paper's 4000, 1000, 4000).
     seed: parameter init seed.
+    **options: more arguments of `experiments.models.build` (``sharding_rules``,
+      ``distribute_solves``, the ViT's sizes).
   """
   if model in models.CONVERTED:  # beyond the paper: Adam at lr 1e-3, τ = 1
     optimizer, lr, tau = "adam", 1e-3, 1.0
@@ -55,7 +57,7 @@ def build(model: str, mode: str, *, hidden=None, seed: int = 0):
     optimizer, lr, tau = config_lib.paper_settings(model, mode)
   sizes = {} if hidden is None else {"hidden_sizes": tuple(hidden)}
   net = models.build(model, mode=mode, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
-                     tau_prox=tau, seed=seed, **sizes)
+                     tau_prox=tau, seed=seed, **sizes, **options)
   return net, nnx.Optimizer(net, optimizers.make(optimizer, lr), wrt=nnx.Param)
 
 

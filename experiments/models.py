@@ -93,10 +93,11 @@ class Layers:
     prox_linear: the ProxProp dense layer class; e.g. ``pp.prox_module(nnx.Linear)`` for the
       matrix-free variant.
     sharding_rules: `sharding_rules` of a mesh to annotate the parameters for, or None.
+    distribute_solves: the ProxProp layers' ``distribute_solves``.
   """
 
   def __init__(self, mode: str, tau_prox: float, axis_name: str | None, rngs: nnx.Rngs,
-               prox_linear: type = pp.Linear, sharding_rules=None):
+               prox_linear: type = pp.Linear, sharding_rules=None, distribute_solves=False):
     self.rngs = rngs
     self.sharding_rules = sharding_rules
     if mode == "backprop":
@@ -104,6 +105,8 @@ class Layers:
     else:
       self.linear_cls, self.conv_cls = prox_linear, pp.Conv
       self.prox_kwargs = dict(mode=mode, tau_prox=tau_prox, axis_name=axis_name)
+      if distribute_solves:  # only then: pp.prox_module layers have no columns to share
+        self.prox_kwargs["distribute_solves"] = True
 
   def metadata(self, *names) -> dict:
     """A parameter's sharding metadata: its dims' logical ``names`` (empty without rules)."""
@@ -293,7 +296,8 @@ CONVERTED = ("resnet", "vit")
 
 def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox: float = 1.0,
           axis_name: str | None = None, seed: int = 0, prox_linear: type = pp.Linear,
-          plain_head: bool = False, sharding_rules=None, **sizes) -> nnx.Module:
+          plain_head: bool = False, sharding_rules=None, distribute_solves: bool = False,
+          **sizes) -> nnx.Module:
   """Builds a registered model.
 
   Args:
@@ -311,6 +315,8 @@ def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox:
     sharding_rules: `sharding_rules` of the mesh to annotate the MLP's and ViT's parameters
       for (build under ``jax.set_mesh(mesh)``: flax then splits them as it creates them), or
       None.
+    distribute_solves: the ProxProp layers share their solves among the mesh's devices
+      (``pp.Linear(..., distribute_solves=True)``).
     **sizes: the model's size arguments (``hidden_sizes`` of the MLP; ``channels``,
       ``kernel_size`` of the ConvNet; ``widths``, ``blocks`` of the ResNet; ``dim``, ``depth``,
       ``heads``, ``mlp_dim``, ``patch`` of the ViT); the defaults when left out.
@@ -323,11 +329,11 @@ def build(name: str, *, mode: str, input_shape, num_classes: int = 10, tau_prox:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
   converted = name in CONVERTED
   layers = Layers("backprop" if converted else mode, tau_prox, axis_name, nnx.Rngs(seed),
-                  prox_linear, sharding_rules)
+                  prox_linear, sharding_rules, distribute_solves)
   model = MODELS[name](tuple(input_shape), num_classes, layers, **sizes)
   if converted and mode != "backprop":
     pp.convert(model, mode=mode, tau_prox=tau_prox, axis_name=axis_name,
-               exclude=("head",) if plain_head else None)
+               exclude=("head",) if plain_head else None, distribute_solves=distribute_solves)
   return model
 
 

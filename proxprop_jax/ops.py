@@ -177,9 +177,9 @@ def _prox_layer_bwd(kind, cfg, residuals, g):
       lambda k, b: kind.apply(xs, k, b, cfg.solve_precision), ks, bs)
   groups = kind.dim_groups(kernel.ndim)
   gk, gb = param_transpose(gs)
-  # Between the kernel and its columns (B, p, k) the arrays are split as the solve is: a
-  # reduce-scatter of the batch sum, then an all-to-all to the kernel's split, never a
-  # gather of the whole kernel.
+  # Between the kernel and its columns (B, p, k) the arrays are split as the solve is (the
+  # batch sum reduced into each device's share; an all-to-all back to the kernel's split),
+  # so that no reshape gathers the whole kernel.
   grad = kind.to_columns(layout.constrain_parameter(gk, groups), gb)
   d = _direction(plan, kind, cfg, xs, gs, grad, jnp.asarray(lam, dtype), layout)
   dk, db = kind.from_columns(d, kernel.shape)

@@ -46,3 +46,27 @@ def test_several_devices_names_the_multi_host_flags_and_variables():
       ["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "0",
        "--parallel", "sharded", "--model", "mlp", "--mode", "prox_cg3"])
   assert (args.coordinator_address, args.num_processes, args.process_id) == ("h:1", 2, 0)
+
+
+def test_sharded_parameters_example_runs_as_printed_and_equals_replicated(tmp_path):
+  section = re.search(r"\n## Sharded parameters\n(.*?)\n## ", README.read_text(), re.S).group(1)
+  (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert example.count("\n") <= 25
+  # The same model with its annotations dropped: replicated parameters, data parallel.
+  replicated = re.sub(r"kernel_init=split\([^)]*\),\s*", "", example)
+  assert "kernel_init=split" in example and "kernel_init=split" not in replicated
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags("--xla_force_host_platform_device_count=8"),
+             JAX_PLATFORMS="cpu")
+  lines = []
+  for i, code in enumerate((example, replicated)):
+    script = tmp_path / f"sharded{i}.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines.append(out.stdout.strip().splitlines())
+  (*sharded, specs), (*plain, plain_specs) = lines
+  assert specs == "P(None, 'model') P('model',)" and plain_specs == "P() P()"
+  losses = [[float(line.split()[1]) for line in run] for run in (sharded, plain)]
+  assert len(losses[0]) == 5 and losses[0][-1] < losses[0][0]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
