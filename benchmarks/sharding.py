@@ -5,9 +5,10 @@ FLOPs per device and the step time against BackProp with the same sharding.
                                   [--repeats 5] [--json PATH]
 
 Without accelerators it runs on 8 fake CPU devices (``--xla_force_host_platform_device_count``,
-set here before JAX starts). Models: the paper's MLP 3072-4000-1000-4000-10 (batch 500) and
-a 4-block transformer (the experiments' ViT, width 128, 4 heads, MLP 256, 8x8 patches of 4x4
-pixels: 64 tokens; batch 64), both ``prox_cg3``. Shardings, on ``n`` devices:
+set here before JAX starts). Models: the paper's MLP 3072-4000-1000-4000-10 (batch 512, which
+8 devices divide) and a 4-block transformer (the experiments' ViT, width 128, 4 heads, MLP 256,
+8x8 patches of 4x4 pixels: 64 tokens; batch 64), both ``prox_cg3``. Shardings, on ``n``
+devices:
 
 * ``dp``: data parallel (the batch over ``data=n``), parameters replicated;
 * ``dp+spread``: the same with ``distribute_solves=True``;
@@ -43,7 +44,7 @@ from proxprop_jax import parallel  # noqa: E402
 
 MODE = "prox_cg3"
 MODELS = {
-    "mlp": dict(model="mlp", batch=500, sizes={}),
+    "mlp": dict(model="mlp", batch=512, sizes={}),
     "transformer": dict(model="vit", batch=64, sizes=dict(dim=128, depth=4, heads=4,
                                                          mlp_dim=256, patch=4)),
 }

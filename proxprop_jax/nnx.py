@@ -180,8 +180,12 @@ def prox_module(cls: type[nnx.Module]) -> type[nnx.Module]:
   class ProxModule(ProxLayer, cls):
 
     def __init__(self, *args, mode="prox_cg1", tau_prox=1.0, axis_name=None,
-                 solve_precision=ops.SOLVE_PRECISION, **kwargs):
-      # Matrix-free: one CG over all parameters, no columns to share (distribute_solves).
+                 solve_precision=ops.SOLVE_PRECISION, distribute_solves=False, **kwargs):
+      if distribute_solves:
+        raise ValueError(f"pp.prox_module({cls.__name__}) solves one matrix-free CG over all "
+                         f"its parameters: it has no columns to share among devices. "
+                         f"distribute_solves=True is for pp.Linear, pp.Conv, pp.LinearGeneral, "
+                         f"pp.Einsum, pp.Embed and the norm layers.")
       init_prox(self, mode, tau_prox, axis_name, solve_precision)
       super().__init__(*args, **kwargs)
 

@@ -81,7 +81,7 @@ def config(mode, axis_name=None, precision=None, solve_precision=SOLVE_PRECISION
                      f"device computes its own copy of the direction. Use axis_name=None with "
                      f"parallel.make_sharded_step, or distribute_solves=False.")
   return Config(mode, axis_name, _precision(precision), _precision(solve_precision), plan,
-                sharding.check_specs(param_specs, "config"), distribute_solves)
+                sharding.check_specs(param_specs), distribute_solves)
 
 
 _BY_NAME = {**{a.name.lower(): a for a in lax.DotAlgorithmPreset},
@@ -118,11 +118,10 @@ def _layout(kind, cfg: Config, problem, plan, shape) -> sharding.Layout:
   spec = None if cfg.param_specs is None else next(
       (s for s in cfg.param_specs if s is not None), None)
   return sharding.solve_layout(kind.dim_groups(len(shape)), spec, shape,
-                               plan.system == "parameter", cfg.distribute_solves,
-                               problem.blocks, problem.columns)
+                               plan.system == "parameter", cfg.distribute_solves, problem.blocks)
 
 
-def _direction(plan, kind, cfg: Config, x, g, grad, lam, layout=sharding.Layout()):
+def _direction(plan, kind, cfg: Config, x, g, grad, lam, layout: sharding.Layout):
   """The direction ``D`` in the columns of `layers` (B, p, k), for the global batch, split
   over the mesh as ``layout`` says."""
   axis, steps, precision = cfg.axis_name, cfg.mode.cg_steps, cfg.solve_precision

@@ -12,9 +12,9 @@ and replicated over ``p`` (`Layout`), and XLA partitions the solve accordingly:
   space) comes from the replicated input rows, with no extra communication;
 * a **row-parallel** layer (input features split) needs the ``psum`` of ``AAᵀ = Σ A_s A_sᵀ``
   over its shards (batch space) and computes its own rows of ``D = Aᵀ(AAᵀ + λI)⁻¹g``; in
-  parameter space its ``p × p`` Gram is formed from the gathered inputs and replicated;
-* **FSDP** (parameters split over the data axis) solves the columns it holds, or all of them
-  when its split is along ``p``, then keeps its slice of ``D``.
+  parameter space its ``p × p`` Gram is formed from the gathered inputs and replicated, and
+  ``Aᵀg`` is resplit from rows to columns for the solve (`solve_layout`);
+* **FSDP** (parameters split over the data axis) is column- or row-parallel over that axis.
 
 The sharding of each parameter is the user's own: the ``out_sharding`` metadata of its flax
 variable (``nnx.with_partitioning``, `specs_of`), or, on a mesh with Explicit axes, the
@@ -103,7 +103,7 @@ def specs_of_types(*arrays) -> tuple | None:
   return tuple(specs) if is_split(specs) else None
 
 
-def check_specs(specs, where: str) -> tuple | None:
+def check_specs(specs) -> tuple | None:
   """``specs`` as a tuple of PartitionSpecs (or None entries); a clear error otherwise."""
   if specs is None:
     return None
@@ -111,7 +111,7 @@ def check_specs(specs, where: str) -> tuple | None:
     specs = tuple(s if s is None or isinstance(s, P) else P(*s) for s in specs)
     hash(specs)
   except TypeError:
-    raise ValueError(f"{where}: param_specs must be None or one PartitionSpec (or None) per "
+    raise ValueError(f"param_specs must be None or one PartitionSpec (or None) per "
                      f"parameter; got {specs!r}.") from None
   return specs
 
@@ -146,9 +146,10 @@ class Layout:
   def is_trivial(self) -> bool:
     return not (self.blocks or self.columns)
 
-  def spread(self, blocks: int, columns: int) -> "Layout":
-    """The layout with the mesh's other axes added, for `distribute_solves`: on the blocks
-    when there are at least as many as devices to share them, else on the columns."""
+  def spread(self, blocks: int) -> "Layout":
+    """The layout with the mesh's other axes added, for `distribute_solves`: on the
+    ``blocks`` when there are at least as many as devices to share them, else on the
+    columns."""
     mesh = _mesh()
     if mesh is None:  # one device, or a step run outside `jax.set_mesh`
       return self
@@ -198,8 +199,8 @@ def constrain(x, spec):
 
 
 def solve_layout(groups, spec, shape, parameter_space: bool, distribute: bool,
-                 blocks: int, columns: int) -> Layout:
-  """The `Layout` of a solve with ``blocks × columns`` independent problems.
+                 blocks: int) -> Layout:
+  """The `Layout` of a solve of ``blocks`` blocks of independent columns.
 
   Args:
     groups: the parameter's dims that index the blocks, rows ``p`` and columns of the
@@ -211,7 +212,7 @@ def solve_layout(groups, spec, shape, parameter_space: bool, distribute: bool,
       right-hand side over those axes). In batch space ``D = Aᵀ(AAᵀ + λI)⁻¹g`` keeps the
       split of ``p``: one ``psum`` of ``AAᵀ``.
     distribute: share the blocks or columns among the remaining axes (`Layout.spread`).
-    blocks, columns: the numbers of blocks and columns.
+    blocks: the number of blocks.
   """
   split = dims(spec, len(shape))
   block_dims, param_dims, column_dims = groups
@@ -222,7 +223,7 @@ def solve_layout(groups, spec, shape, parameter_space: bool, distribute: bool,
   if parameter_space and column_dims and shape[column_dims[0]] % _devices(moved) == 0:
     column_axes = moved
   layout = Layout(block_axes, column_axes)
-  return layout.spread(blocks, columns) if distribute else layout
+  return layout.spread(blocks) if distribute else layout
 
 
 # ------------------------------------------------------------------- compiled collectives

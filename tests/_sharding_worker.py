@@ -342,6 +342,8 @@ def bad_settings(explicit):
   linear = lambda **kw: pp.Linear(4, 4, rngs=nnx.Rngs(0), **kw)
   out = {"pmap_axis": message(lambda: linear(axis_name="data", distribute_solves=True)),
          "not_bool": message(lambda: linear(distribute_solves="yes")),
+         "matrix_free": message(lambda: pp.prox_module(nnx.Linear)(
+             4, 4, distribute_solves=True, rngs=nnx.Rngs(0))),
          "batch_axes": message(lambda: parallel.shard_batch(np.ones((8, 2)), explicit,
                                                             axes="batch"))}
   # A row-parallel layer on Explicit axes: without out_sharding JAX's own error, as for

@@ -146,6 +146,7 @@ def test_settings_that_cannot_work_are_clear_errors(measured):
   errors = measured["others"]["errors"]
   assert "jit + sharding" in errors["pmap_axis"] and "axis_name=None" in errors["pmap_axis"]
   assert "True or False" in errors["not_bool"]
+  assert "no columns to share" in errors["matrix_free"] and "pp.Linear" in errors["matrix_free"]
   assert "('data', 'model')" in errors["batch_axes"] and "'batch'" in errors["batch_axes"]
   assert "out_sharding" in errors["explicit_row_parallel"], errors["explicit_row_parallel"]
   assert errors["explicit_row_parallel_fixed"] <= 1e-5
