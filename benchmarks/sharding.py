@@ -94,8 +94,9 @@ def run(model: str, counts, repeats: int, log) -> list[dict]:
                                          "dp" if sharding == "dp+spread" else sharding, n)
       times = common.time_interleaved([prox, base], *batch, repeats=repeats)
       rows.append(dict(
-          model=model, devices=n, sharding=sharding, state_mb=prox.memory_detail["argument"] / 2**20,
-          peak_mb=prox.memory_bytes / 2**20, solve_gflops=(prox_flops - base_flops) / 1e9,
+          model=model, devices=n, sharding=sharding,
+          state_mb=prox.memory_detail["argument"] / 2**20, peak_mb=prox.memory_bytes / 2**20,
+          solve_gflops=(prox_flops - base_flops) / 1e9,
           backprop_ms=1e3 * common.median(times["backprop"]),
           ratio=common.median(times[MODE]) / common.median(times["backprop"])))
   return rows

@@ -64,7 +64,7 @@ def positive(kind: type):
 
 
 def mesh_arg(text: str) -> str:
-  """A device mesh ``axis=size,...`` over the axes of `models.MESH_AXES`, e.g. ``data=4,model=2``."""
+  """A device mesh ``axis=size,...`` over `models.MESH_AXES`, e.g. ``data=4,model=2``."""
   try:
     mesh = parse_mesh(text)
   except ValueError as e:

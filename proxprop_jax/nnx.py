@@ -2,9 +2,9 @@
 
 `Linear` and `Conv` subclass ``nnx.Linear`` and ``nnx.Conv``: same arguments,
 parameters (``kernel``, ``bias``), shapes and initialisers, plus ``mode``,
-``tau_prox``, ``axis_name``, ``solve_precision`` and ``distribute_solves``. A model swaps the flax layer
-for these and nothing else changes. `prox_module` does the same for any NNX
-module that is linear in its parameters, through the matrix-free
+``tau_prox``, ``axis_name``, ``solve_precision`` and ``distribute_solves``. A model
+swaps the flax layer for these and nothing else changes. `prox_module` does the same
+for any NNX module that is linear in its parameters, through the matrix-free
 `proxprop_jax.proximal`.
 
 ``tau_prox`` is stored as a `TauProx` variable: state of the model (checkpointed
