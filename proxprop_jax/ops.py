@@ -167,10 +167,8 @@ def _prox_layer_bwd(kind, cfg, residuals, g):
   problem = kind.problem(x.shape, kernel.shape, spmd.axis_size(cfg.axis_name))
   plan = cfg.plan or planner.plan(problem, cfg.mode)
   layout = _layout(kind, cfg, problem, plan, kernel.shape)
-  if layout.columns and plan.solver == "cholesky" and cfg.plan is None:
-    # XLA splits products by columns but runs a triangular solve whole on every device:
-    # columns split over devices are solved by the (replicated, small) inverse instead.
-    plan = dataclasses.replace(plan, solver="inverse")
+  if layout.columns and cfg.plan is None:
+    plan = planner.with_columns_split(plan)
   planner.record(problem, plan)
   param_transpose = jax.linear_transpose(
       lambda k, b: kind.apply(xs, k, b, cfg.solve_precision), ks, bs)

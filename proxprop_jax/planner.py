@@ -193,6 +193,13 @@ def _cheapest(problem: Problem, mode: Mode, backend: str, constants: tuple) -> P
   return Plan(system, solver, multiply_a_first=reordered, unroll=unroll)
 
 
+def with_columns_split(chosen: Plan) -> Plan:
+  """``chosen`` for a solve whose columns are split over devices: XLA splits a product by
+  its columns but runs a triangular solve whole on every device, so an exact solve applies
+  the (small, replicated) inverse instead of two triangular solves."""
+  return dataclasses.replace(chosen, solver="inverse") if chosen.solver == "cholesky" else chosen
+
+
 _RECORDER = Recorder()
 
 

@@ -121,3 +121,11 @@ def test_planning_plans_for_another_backend_with_other_constants():
   with pytest.raises(ValueError, match="unknown cost constants.*valid"):
     with planner.planning(unrol=3):
       pass
+
+
+def test_a_solve_split_by_columns_applies_the_inverse():
+  # Products split by columns; triangular solves would run whole on every device.
+  assert planner.with_columns_split(pp.Plan("batch", "cholesky")) == pp.Plan("batch", "inverse")
+  for kept in (pp.Plan("parameter", "inverse"), pp.Plan("batch", "cg", unroll=True),
+               pp.Plan("parameter", "closed_form")):
+    assert planner.with_columns_split(kept) == kept
